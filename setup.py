@@ -1,0 +1,32 @@
+"""fcn_tf: FCN semantic segmentation on dilated ResNets in TensorFlow / Keras 3."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fcn_tf",
+    version="0.1.0",
+    description="FCN semantic segmentation (dilated ResNet-50/101) in TensorFlow / Keras 3, "
+    "numerically identical to sssegmentation's reference",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fcn_tf", "fcn_tf.*", "experiments", "experiments.*"]),
+    install_requires=[
+        "tensorflow==2.21.*",
+        "keras==3.15.*",
+        "tensorflow-datasets",
+        "absl-py",
+        "numpy",
+        # scipy reads SBD's MATLAB .mat label files (VOC trainaug preparation).
+        "scipy",
+    ],
+    extras_require={
+        # Reading PyTorch .pth checkpoints in the converter.
+        "torch": ["torch"],
+        # Reading .safetensors checkpoints in the converter.
+        "safetensors": ["safetensors"],
+        # TF Serving warm-up records for the export.
+        "serving": ["tensorflow-serving-api==2.21.*"],
+        # Side-by-side benchmarks against torchvision's FCN.
+        "bench": ["torch", "torchvision", "psutil"],
+        "test": ["pytest", "safetensors", "tensorflow-serving-api==2.21.*", "ruff", "psutil"],
+    },
+)

@@ -15,7 +15,7 @@ the tests' default.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from fcn_tf.config import (
     DataConfig,
@@ -63,8 +63,9 @@ def _voc() -> ExperimentConfig:
             eval_target=(2048, 512),
             global_batch_size=16,
         ),
-        trainer=TrainerConfig(train_steps=_iterations(60, 10582, 16), epochs=60, checkpoint_every=2000,
-                              eval_every=10000),
+        trainer=TrainerConfig(
+            train_steps=_iterations(60, 10582, 16), epochs=60, checkpoint_every=2000, eval_every=10000
+        ),
         eval=EvalConfig(crop_size=(512, 512), stride=(341, 341)),
     )
 
@@ -85,8 +86,9 @@ def _ade20k() -> ExperimentConfig:
             eval_target=(2048, 512),
             global_batch_size=16,
         ),
-        trainer=TrainerConfig(train_steps=_iterations(130, 20210, 16), epochs=130, checkpoint_every=4000,
-                              eval_every=20000),
+        trainer=TrainerConfig(
+            train_steps=_iterations(130, 20210, 16), epochs=130, checkpoint_every=4000, eval_every=20000
+        ),
         eval=EvalConfig(crop_size=(512, 512), stride=(341, 341)),
     )
 
@@ -107,8 +109,9 @@ def _cityscapes() -> ExperimentConfig:
             eval_target=(2048, 1024),
             global_batch_size=8,
         ),
-        trainer=TrainerConfig(train_steps=_iterations(220, 2975, 8), epochs=220, checkpoint_every=2000,
-                              eval_every=10000),
+        trainer=TrainerConfig(
+            train_steps=_iterations(220, 2975, 8), epochs=220, checkpoint_every=2000, eval_every=10000
+        ),
         eval=EvalConfig(crop_size=(512, 1024), stride=(341, 683)),
     )
 
@@ -124,8 +127,9 @@ def _reference(dataset: str, depth: int, output_stride: int) -> Callable[[], Exp
             base,
             name=name,
             description=f"FCN-R{depth}-D{output_stride} on {base.description}",
-            model=dataclasses.replace(base.model, backbone_depth=depth, output_stride=output_stride,
-                                      **_pretrained(depth)),
+            model=dataclasses.replace(
+                base.model, backbone_depth=depth, output_stride=output_stride, **_pretrained(depth)
+            ),
         )
 
     make.__doc__ = f"FCN ResNet-{depth} output stride {output_stride} on {dataset} (reference recipe)."
@@ -141,8 +145,9 @@ def synthetic_r18_os8() -> ExperimentConfig:
     return ExperimentConfig(
         name="synthetic_r18_os8",
         description="Demo: FCN-R18-D8 from scratch on synthetic shapes (CPU, minutes)",
-        model=ModelConfig(num_classes=5, backbone_depth=18, output_stride=8, head_channels=128,
-                          aux_channels=64),
+        model=ModelConfig(
+            num_classes=5, backbone_depth=18, output_stride=8, head_channels=128, aux_channels=64
+        ),
         data=DataConfig(
             dataset="synthetic",
             data_dir="data/tfds",
@@ -157,8 +162,14 @@ def synthetic_r18_os8() -> ExperimentConfig:
             shuffle_buffer=256,
         ),
         optimizer=OptimizerConfig(base_lr=0.01, weight_decay=1e-4),
-        trainer=TrainerConfig(train_steps=600, log_every=20, image_summary_every=200, checkpoint_every=200,
-                              eval_every=300, deterministic=False),
+        trainer=TrainerConfig(
+            train_steps=600,
+            log_every=20,
+            image_summary_every=200,
+            checkpoint_every=200,
+            eval_every=300,
+            deterministic=False,
+        ),
         eval=EvalConfig(crop_size=(96, 96), stride=(64, 64)),
     )
 

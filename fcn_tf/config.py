@@ -226,13 +226,18 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     check(m.output_stride in OUTPUT_STRIDES, f"model.output_stride={m.output_stride} not in {OUTPUT_STRIDES}")
     check(m.stem in STEMS, f"model.stem={m.stem!r} not in {STEMS}")
     check(m.num_classes >= 2, f"model.num_classes={m.num_classes} must be >= 2")
-    check(m.num_classes == d.num_classes, f"model.num_classes={m.num_classes} != data.num_classes={d.num_classes}")
+    check(
+        m.num_classes == d.num_classes,
+        f"model.num_classes={m.num_classes} != data.num_classes={d.num_classes}",
+    )
     check(m.head_num_convs >= 0, f"model.head_num_convs={m.head_num_convs} must be >= 0")
     check(m.head_channels > 0 and m.aux_channels > 0, "model head/aux channels must be positive")
     check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     check(d.dataset in DATASETS, f"data.dataset={d.dataset!r} not in {DATASETS}")
-    check(0 <= d.ignore_label <= 255 and d.ignore_label >= d.num_classes,
-          f"data.ignore_label={d.ignore_label} must be in [num_classes, 255]")
+    check(
+        0 <= d.ignore_label <= 255 and d.ignore_label >= d.num_classes,
+        f"data.ignore_label={d.ignore_label} must be in [num_classes, 255]",
+    )
     for field in ("crop_size", "scale_target", "eval_target"):
         v = getattr(d, field)
         check(len(v) == 2 and all(x > 0 for x in v), f"data.{field}={v} must be two positive sizes")
@@ -240,22 +245,38 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     check(0.0 < d.cat_max_ratio <= 1.0, f"data.cat_max_ratio={d.cat_max_ratio} must be in (0, 1]")
     check(d.crop_tries >= 1, f"data.crop_tries={d.crop_tries} must be >= 1")
     check(0.0 <= d.flip_prob <= 1.0, f"data.flip_prob={d.flip_prob} must be in [0, 1]")
-    check(len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std), "data.mean/std need 3 values, std > 0")
+    check(
+        len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
+        "data.mean/std need 3 values, std > 0",
+    )
     check(d.global_batch_size >= 1 and d.eval_batch_size >= 1, "data batch sizes must be >= 1")
-    check(o.base_lr > 0 and 0 <= o.min_lr <= o.base_lr, f"optimizer lr: need 0 <= min_lr <= base_lr, base_lr > 0")
+    check(
+        o.base_lr > 0 and 0 <= o.min_lr <= o.base_lr,
+        "optimizer lr: need 0 <= min_lr <= base_lr, base_lr > 0",
+    )
     check(0 <= o.momentum < 1 and o.weight_decay >= 0, "optimizer momentum in [0,1), weight_decay >= 0")
-    check(0 <= o.warmup_steps < max(t.train_steps, 1), f"optimizer.warmup_steps={o.warmup_steps} must be < train_steps")
+    check(
+        0 <= o.warmup_steps < max(t.train_steps, 1),
+        f"optimizer.warmup_steps={o.warmup_steps} must be < train_steps",
+    )
     check(t.train_steps >= 1, f"trainer.train_steps={t.train_steps} must be >= 1")
     check(t.precision in PRECISIONS, f"trainer.precision={t.precision!r} not in {PRECISIONS}")
     check(t.grad_accum_steps >= 1, f"trainer.grad_accum_steps={t.grad_accum_steps} must be >= 1")
-    check(d.global_batch_size % t.grad_accum_steps == 0,
-          f"data.global_batch_size={d.global_batch_size} not divisible by trainer.grad_accum_steps={t.grad_accum_steps}")
-    check(t.log_every >= 1 and t.checkpoint_every >= 1 and t.keep_checkpoints >= 1,
-          "trainer log_every, checkpoint_every, keep_checkpoints must be >= 1")
+    check(
+        d.global_batch_size % t.grad_accum_steps == 0,
+        f"data.global_batch_size={d.global_batch_size} not divisible by trainer.grad_accum_steps={t.grad_accum_steps}",
+    )
+    check(
+        t.log_every >= 1 and t.checkpoint_every >= 1 and t.keep_checkpoints >= 1,
+        "trainer log_every, checkpoint_every, keep_checkpoints must be >= 1",
+    )
     check(t.aux_weight >= 0, f"trainer.aux_weight={t.aux_weight} must be >= 0")
     check(e.mode in EVAL_MODES, f"eval.mode={e.mode!r} not in {EVAL_MODES}")
     check(len(e.scales) >= 1 and all(s > 0 for s in e.scales), f"eval.scales={e.scales} must be positive")
-    check(all(0 < s <= c for s, c in zip(e.stride, e.crop_size)), f"eval.stride={e.stride} must be in (0, crop_size]")
+    check(
+        all(0 < s <= c for s, c in zip(e.stride, e.crop_size)),
+        f"eval.stride={e.stride} must be in (0, crop_size]",
+    )
     check(e.window_batch >= 1, f"eval.window_batch={e.window_batch} must be >= 1")
     if problems:
         raise ConfigError(f"invalid experiment {config.name!r}:\n  " + "\n  ".join(problems))

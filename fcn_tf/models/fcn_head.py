@@ -1,0 +1,61 @@
+"""The FCN head (on layer4) and the auxiliary head (on layer3).
+
+Reference (sssegmentation `FCN`): `num_convs` x [conv3x3 no bias, BN, ReLU],
+spatial dropout, conv1x1 with bias to the classes. The auxiliary head is the
+same with one conv.
+"""
+
+from __future__ import annotations
+
+from keras import layers
+
+
+def fcn_head(
+    x,
+    num_classes: int,
+    channels: int = 512,
+    num_convs: int = 2,
+    dropout: float = 0.1,
+    bn_momentum: float = 0.9,
+    bn_epsilon: float = 1e-5,
+    sync_bn: bool = False,
+    name: str = "head",
+):
+    """Applies an FCN head to a feature map; returns logits at its resolution.
+
+    Args:
+      x: NHWC feature map.
+      num_classes: output channels of the classifier.
+      channels: channels of each conv3x3 block.
+      num_convs: conv3x3-BN-ReLU blocks before the classifier (0: none).
+      dropout: spatial dropout rate before the classifier (PyTorch Dropout2d).
+      bn_momentum: BatchNorm momentum in Keras terms.
+      bn_epsilon: BatchNorm epsilon.
+      sync_bn: synchronize BatchNorm statistics across replicas.
+      name: prefix of the layer names (`{name}_conv{i}`, `{name}_bn{i}`,
+        `{name}_classifier`).
+    """
+    for i in range(1, num_convs + 1):
+        x = layers.Conv2D(
+            channels,
+            3,
+            padding="same",
+            use_bias=False,
+            kernel_initializer="he_normal",
+            name=f"{name}_conv{i}",
+        )(x)
+        x = layers.BatchNormalization(
+            momentum=bn_momentum, epsilon=bn_epsilon, synchronized=sync_bn, name=f"{name}_bn{i}"
+        )(x)
+        x = layers.ReLU(name=f"{name}_relu{i}")(x)
+    if dropout > 0:
+        x = layers.SpatialDropout2D(dropout, name=f"{name}_dropout")(x)
+    # Classifier init as the reference: normal(0, 0.01), zero bias.
+    return layers.Conv2D(
+        num_classes,
+        1,
+        use_bias=True,
+        name=f"{name}_classifier",
+        kernel_initializer="random_normal",
+        bias_initializer="zeros",
+    )(x)

@@ -1,0 +1,142 @@
+"""TensorBoard helpers: scalars, colourized label images, memory figures.
+
+Tags written by training (read back by tests/test_summaries.py):
+
+  train: loss/total, loss/main, loss/aux, learning_rate, grad_norm,
+         perf/images_per_sec, perf/step_time_sec, perf/peak_memory_mb
+         images/input, images/ground_truth, images/prediction
+  eval:  eval/mIoU, eval/aAcc, eval/mAcc (when given), eval/IoU/<class name>
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import numpy as np
+import tensorflow as tf
+
+TRAIN_SCALAR_TAGS = (
+    "loss/total",
+    "loss/main",
+    "loss/aux",
+    "learning_rate",
+    "grad_norm",
+    "perf/images_per_sec",
+    "perf/step_time_sec",
+    "perf/peak_memory_mb",
+)
+IMAGE_TAGS = ("images/input", "images/ground_truth", "images/prediction")
+IGNORE_COLOR = (255, 255, 255)
+
+
+def summary_dir(workdir: str, name: str) -> str:
+    """WORKDIR/tensorboard/<name>: one run per writer, `tensorboard --logdir WORKDIR`."""
+    return os.path.join(workdir, "tensorboard", name)
+
+
+def colorize(labels: tf.Tensor, palette: np.ndarray, ignore_label: int = 255) -> tf.Tensor:
+    """Maps class ids to RGB with the dataset palette.
+
+    Args:
+      labels: (N, H, W) integer ids; `ignore_label` (and any id outside the
+        palette) is drawn in white.
+      palette: (num_classes, 3) uint8 colours, e.g. `fcn_tf.data.classes.palette(name)`.
+      ignore_label: the ignore value.
+
+    Returns:
+      (N, H, W, 3) uint8.
+    """
+    palette = np.asarray(palette, np.uint8).reshape(-1, 3)
+    table = tf.constant(np.concatenate([palette, np.array([IGNORE_COLOR], np.uint8)]), tf.uint8)
+    labels = tf.cast(labels, tf.int32)
+    out_of_range = tf.logical_or(labels < 0, labels >= palette.shape[0])
+    index = tf.where(tf.logical_or(out_of_range, labels == ignore_label), palette.shape[0], labels)
+    return tf.gather(table, index)
+
+
+def denormalize(images: tf.Tensor, mean, std) -> tf.Tensor:
+    """Undoes the input normalization: (N, H, W, 3) float -> uint8 RGB."""
+    images = tf.cast(images, tf.float32) * tf.constant(std, tf.float32) + tf.constant(mean, tf.float32)
+    return tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
+
+
+def peak_memory_mb() -> float:
+    """Peak memory in MiB: GPU:0's allocator peak when there is a GPU, else the process's max RSS."""
+    if tf.config.list_logical_devices("GPU"):
+        try:
+            return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+        except (ValueError, tf.errors.OpError):
+            pass
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def write_scalars(writer: tf.summary.SummaryWriter, step: int, values: dict[str, float]) -> None:
+    """Writes `{tag: value}` at `step` and flushes (so a killed run keeps its curves)."""
+    with writer.as_default(step=step):
+        for tag, value in values.items():
+            tf.summary.scalar(tag, float(value))
+    writer.flush()
+
+
+def write_segmentation_images(
+    writer: tf.summary.SummaryWriter,
+    step: int,
+    images: tf.Tensor,
+    labels: tf.Tensor,
+    predictions: tf.Tensor,
+    palette: np.ndarray,
+    mean,
+    std,
+    ignore_label: int = 255,
+    max_outputs: int = 3,
+) -> None:
+    """Writes input, ground truth and prediction images, coloured with `palette`.
+
+    Args:
+      writer: the summary writer.
+      step: global step.
+      images: (N, H, W, 3) normalized float inputs.
+      labels: (N, H, W) ground truth ids.
+      predictions: (N, H, W) predicted ids.
+      palette: (num_classes, 3) uint8.
+      mean: normalization mean (to show the input as seen by a person).
+      std: normalization std.
+      ignore_label: drawn white in the ground truth.
+      max_outputs: images per tag.
+    """
+    with writer.as_default(step=step):
+        tf.summary.image("images/input", denormalize(images, mean, std), max_outputs=max_outputs)
+        tf.summary.image(
+            "images/ground_truth", colorize(labels, palette, ignore_label), max_outputs=max_outputs
+        )
+        tf.summary.image(
+            "images/prediction", colorize(predictions, palette, ignore_label), max_outputs=max_outputs
+        )
+    writer.flush()
+
+
+def eval_scalars(results: dict, class_names: list[str] | None = None) -> dict[str, float]:
+    """Flattens an evaluation result into `eval/...` scalar tags.
+
+    Args:
+      results: a dict with "mIoU" and "aAcc" (and optionally "mAcc") floats
+        and optionally "IoU" (a per-class sequence, NaN for absent classes, or
+        a {name: IoU} dict).
+      class_names: names for a per-class sequence (index used otherwise).
+    """
+    out = {}
+    for key in ("mIoU", "aAcc", "mAcc"):
+        if key in results and results[key] is not None:
+            out[f"eval/{key}"] = float(results[key])
+    per_class = results.get("IoU", results.get("per_class_iou"))
+    if per_class is not None:
+        items = per_class.items() if isinstance(per_class, dict) else enumerate(per_class)
+        for key, value in items:
+            name = (
+                class_names[key] if isinstance(key, int) and class_names and key < len(class_names) else key
+            )
+            if value is not None and np.isfinite(float(value)):  # absent classes have no IoU
+                out[f"eval/IoU/{name}"] = float(value)
+    return out

@@ -1,0 +1,105 @@
+"""Experiments: every one builds and validates; overrides reject what they should."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import experiments
+from fcn_tf import config as config_lib
+from fcn_tf.models import build_fcn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE = [f"{d}_r{n}_os{s}" for d in ("voc", "ade20k", "cityscapes") for n in (50, 101) for s in (8, 16)]
+
+
+def test_registry_has_the_twelve_reference_experiments():
+    assert REFERENCE == [n for n in experiments.EXPERIMENTS if not n.startswith("synthetic")]
+
+
+@pytest.mark.parametrize("name", list(experiments.EXPERIMENTS))
+def test_every_experiment_validates_and_builds(name):
+    config = experiments.get(name)
+    assert config.name == name and config.description
+    model = build_fcn(config.model)
+    out = model(np.zeros((1, 33, 41, 3), np.float32), training=False)
+    assert out["logits"].shape == (1, 33, 41, config.data.num_classes)
+
+
+@pytest.mark.parametrize(
+    "name, classes, crop, batch, steps",
+    [
+        ("voc_r50_os8", 21, (512, 512), 16, 39660),
+        ("ade20k_r101_os16", 150, (512, 512), 16, 164190),
+        ("cityscapes_r50_os8", 19, (512, 1024), 8, 81620),
+    ],
+)
+def test_reference_recipe(name, classes, crop, batch, steps):
+    c = experiments.get(name)
+    assert (c.model.num_classes, c.data.crop_size, c.data.global_batch_size, c.trainer.train_steps) == (
+        classes,
+        crop,
+        batch,
+        steps,
+    )
+    assert (c.optimizer.base_lr, c.optimizer.min_lr, c.optimizer.power) == (0.01, 1e-4, 0.9)
+    assert (c.optimizer.momentum, c.optimizer.weight_decay, c.trainer.aux_weight) == (0.9, 5e-4, 0.4)
+    assert c.model.stem == "deep" and c.model.head_num_convs == 2 and c.model.head_channels == 512
+    assert c.data.ignore_label == 255 and c.data.cat_max_ratio == 0.75
+
+
+def test_unknown_experiment_lists_choices():
+    with pytest.raises(KeyError, match="voc_r50_os8"):
+        experiments.get("voc_r50_os4")
+
+
+def test_override_parses_types_and_rejects_unknown_keys():
+    c = experiments.get("voc_r50_os8")
+    c2 = config_lib.override(
+        c,
+        "trainer.train_steps=20",
+        "data.crop_size=256,128",
+        "eval.flip=true",
+        "eval.scales=0.5,1.0,1.5",
+        "model.pretrained_backbone=",
+    )
+    assert (c2.trainer.train_steps, c2.data.crop_size, c2.eval.flip) == (20, (256, 128), True)
+    assert c2.eval.scales == (0.5, 1.0, 1.5) and c2.model.pretrained_backbone == ""
+    assert c.trainer.train_steps == 39660  # the original is untouched
+    with pytest.raises(
+        config_lib.ConfigError, match="unknown config key 'trainer.stepz'.*trainer.train_steps"
+    ):
+        config_lib.override(c, "trainer.stepz=1")
+    with pytest.raises(config_lib.ConfigError, match="cannot read 'ten' as int"):
+        config_lib.override(c, "trainer.train_steps=ten")
+    with pytest.raises(config_lib.ConfigError, match="key=value"):
+        config_lib.override(c, "trainer.train_steps")
+    with pytest.raises(config_lib.ConfigError, match="unknown config key 'model'"):
+        config_lib.override(c, "model=3")
+
+
+def test_validate_reports_inconsistent_values():
+    c = experiments.get("voc_r50_os8")
+    bad = dataclasses.replace(c, model=dataclasses.replace(c.model, output_stride=4, num_classes=20))
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(bad)
+    assert "output_stride=4" in str(e.value) and "num_classes=20" in str(e.value)
+
+
+def test_json_round_trip():
+    c = config_lib.override(experiments.get("cityscapes_r101_os16"), "eval.scales=0.75,1.0")
+    assert config_lib.from_dict(__import__("json").loads(config_lib.to_json(c))) == c
+
+
+def test_list_experiments_script():
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts/list_experiments.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for name in REFERENCE:
+        assert name in out

@@ -60,7 +60,7 @@ def image(key: str, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
     rng = _rng("image/" + key)
     yy, xx = np.mgrid[0:height, 0:width]
     base = rng.uniform(40, 200, 3)
-    ramp = (yy[..., None] * rng.uniform(-3, 3, 3) + xx[..., None] * rng.uniform(-3, 3, 3))
+    ramp = yy[..., None] * rng.uniform(-3, 3, 3) + xx[..., None] * rng.uniform(-3, 3, 3)
     return np.clip(base + ramp, 0, 255).astype(np.uint8)
 
 
@@ -134,7 +134,10 @@ def make_voc(root: Path) -> None:
         target = root / "benchmark_RELEASE/dataset/img" if image_id == SBD_ONLY_IMAGE else voc / "JPEGImages"
         _write(target / f"{image_id}.jpg", _jpeg(image(image_id)))
     for image_id in VOC_TRAIN + VOC_VAL:
-        _write(voc / "SegmentationClass" / f"{image_id}.png", png.encode_palette_png(raw_label("voc", image_id), colours))
+        _write(
+            voc / "SegmentationClass" / f"{image_id}.png",
+            png.encode_palette_png(raw_label("voc", image_id), colours),
+        )
     _write(voc / "ImageSets/Segmentation/train.txt", _lines(VOC_TRAIN))
     _write(voc / "ImageSets/Segmentation/val.txt", _lines(VOC_VAL))
     sbd = root / "benchmark_RELEASE" / "dataset"
@@ -155,7 +158,10 @@ def make_voc_merged(root: Path) -> None:
         # The merged set stores indices as grayscale PNGs.
         _write(voc / "SegmentationClassAug" / f"{image_id}.png", _png(raw_label("voc", image_id)))
     for image_id in VOC_VAL:
-        _write(voc / "SegmentationClass" / f"{image_id}.png", png.encode_palette_png(raw_label("voc", image_id), colours))
+        _write(
+            voc / "SegmentationClass" / f"{image_id}.png",
+            png.encode_palette_png(raw_label("voc", image_id), colours),
+        )
     _write(voc / "ImageSets/Segmentation/trainaug.txt", _lines(TRAINAUG))
     _write(voc / "ImageSets/Segmentation/val.txt", _lines(VOC_VAL))
 
@@ -173,12 +179,20 @@ def make_cityscapes(root: Path) -> None:
         for city, base in frames:
             rgb = image(base, CITYSCAPES_HEIGHT, CITYSCAPES_WIDTH)
             _write(root / "leftImg8bit" / folder / city / f"{base}_leftImg8bit.png", _png(rgb))
-            _write(root / "gtFine" / folder / city / f"{base}_gtFine_labelIds.png", _png(raw_label("cityscapes", base)))
+            _write(
+                root / "gtFine" / folder / city / f"{base}_gtFine_labelIds.png",
+                _png(raw_label("cityscapes", base)),
+            )
             # The real folders also hold other annotation files; they must be ignored.
             _write(root / "gtFine" / folder / city / f"{base}_gtFine_polygons.json", "{}\n")
 
 
-MAKERS = {"voc": make_voc, "voc_merged": make_voc_merged, "ade20k": make_ade20k, "cityscapes": make_cityscapes}
+MAKERS = {
+    "voc": make_voc,
+    "voc_merged": make_voc_merged,
+    "ade20k": make_ade20k,
+    "cityscapes": make_cityscapes,
+}
 
 
 def main() -> None:

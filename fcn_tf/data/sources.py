@@ -1,0 +1,200 @@
+"""Where the raw examples come from: preparing and reading the TFDS datasets.
+
+`prepare` builds one dataset from the files a user has on disk (the
+"manual directory") into DATA_DIR/NAME/VERSION; `load_split` and
+`num_examples` read it back for the input pipeline. DataConfig.dataset
+names the builder:
+
+  voc_aug     fcn_tf.data.voc.VocAug            -> DATA_DIR/voc_aug/1.0.0
+  ade20k      fcn_tf.data.ade20k.Ade20k         -> DATA_DIR/ade20k/1.0.0
+  cityscapes  fcn_tf.data.cityscapes.Cityscapes -> DATA_DIR/cityscapes/1.0.0
+  synthetic   fcn_tf.data.synthetic.Synthetic   -> DATA_DIR/synthetic/1.0.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from fcn_tf.config import DataConfig
+from fcn_tf.data import validate
+from fcn_tf.data.ade20k import Ade20k
+from fcn_tf.data.builder import SegmentationBuilder
+from fcn_tf.data.cityscapes import Cityscapes
+from fcn_tf.data.synthetic import Synthetic
+from fcn_tf.data.validate import BadExampleError
+from fcn_tf.data.voc import VocAug
+
+BUILDERS: dict[str, type[SegmentationBuilder]] = {
+    "voc_aug": VocAug,
+    "ade20k": Ade20k,
+    "cityscapes": Cityscapes,
+    "synthetic": Synthetic,
+}
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """The dataset has not been prepared in the configured data_dir."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareResult:
+    """What `prepare` wrote.
+
+    Attributes:
+      path: the dataset's folder (DATA_DIR/NAME/VERSION).
+      num_examples: split -> examples written.
+      skipped: the bad examples skipped (with `skip_bad_examples`).
+    """
+
+    path: Path
+    num_examples: dict[str, int]
+    skipped: list[BadExampleError]
+
+
+def builder_class(dataset: str) -> type[SegmentationBuilder]:
+    """The builder class of `dataset` (a DataConfig.dataset value)."""
+    if dataset not in BUILDERS:
+        raise KeyError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(BUILDERS)}")
+    return BUILDERS[dataset]
+
+
+def prepare_command(dataset: str, data_dir: str) -> str:
+    """The command line that prepares `dataset` into `data_dir` (for messages)."""
+    if dataset == "synthetic":
+        return (
+            "python scripts/make_synthetic.py --output_dir=data/raw/synthetic && "
+            f"python scripts/prepare_data.py --dataset=synthetic --manual_dir=data/raw/synthetic --data_dir={data_dir}"
+        )
+    return f"python scripts/prepare_data.py --dataset={dataset} --manual_dir=RAW --data_dir={data_dir}"
+
+
+def prepare(
+    dataset: str,
+    manual_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    *,
+    skip_bad_examples: bool = False,
+    allow_count_mismatch: bool = False,
+) -> PrepareResult:
+    """Builds `dataset` from `manual_dir` into `data_dir`, all or nothing.
+
+    The dataset is built in a temporary folder inside `data_dir` and moved
+    into place only once complete and checked, so a failure leaves no
+    half-written dataset and an existing prepared one untouched; a success
+    replaces an existing one.
+
+    Args:
+      dataset: one of `BUILDERS`.
+      manual_dir: the raw files in the dataset's official layout.
+      data_dir: the TFDS data directory (DataConfig.data_dir).
+      skip_bad_examples: skip and count bad examples instead of stopping.
+      allow_count_mismatch: accept split sizes that differ from the real
+        dataset's (subsets, fixtures).
+
+    Returns:
+      A PrepareResult.
+
+    Raises:
+      validate.DatasetLayoutError: missing folders or split lists, or a split
+        left empty.
+      builder.CountMismatchError: split sizes differ from the real dataset.
+      BadExampleError: a bad example (without `skip_bad_examples`).
+    """
+    cls = builder_class(dataset)
+    manual_dir = Path(manual_dir).expanduser()
+    data_dir = Path(data_dir).expanduser()
+    if not manual_dir.is_dir() or not any(manual_dir.iterdir()):
+        raise validate.DatasetLayoutError(
+            f"{manual_dir}: manual directory is missing or empty. {cls.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+        )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".prepare_{dataset}_", dir=data_dir))
+    try:
+        builder = cls(
+            data_dir=str(tmp), skip_bad_examples=skip_bad_examples, allow_count_mismatch=allow_count_mismatch
+        )
+        builder.download_and_prepare(
+            download_dir=str(tmp / "downloads"),
+            download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)),
+        )
+        counts = {name: split.num_examples for name, split in builder.info.splits.items()}
+        empty = [name for name, n in counts.items() if n == 0]
+        if empty:
+            raise validate.DatasetLayoutError(
+                f"{manual_dir}: split(s) {', '.join(empty)} left empty after skipping "
+                f"{len(builder.skipped)} bad example(s): " + "; ".join(str(e) for e in builder.skipped[:5])
+            )
+        built = Path(builder.data_path)
+        final = data_dir / built.relative_to(tmp)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        previous = tmp / "previous"
+        if final.exists():
+            final.rename(previous)
+        try:
+            built.rename(final)
+        except OSError:
+            if previous.exists():
+                previous.rename(final)
+            raise
+        return PrepareResult(path=final, num_examples=counts, skipped=list(builder.skipped))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _builder(data_config: DataConfig) -> SegmentationBuilder:
+    data_dir = os.path.expanduser(data_config.data_dir)
+    builder = builder_class(data_config.dataset)(data_dir=data_dir)
+    if not builder.is_prepared():
+        raise DatasetNotPreparedError(
+            f"dataset {data_config.dataset!r} is not prepared in {builder.data_path}; "
+            f"run: {prepare_command(data_config.dataset, data_config.data_dir)}"
+        )
+    return builder
+
+
+def load_split(
+    data_config: DataConfig,
+    split: str,
+    *,
+    shuffle_files: bool = False,
+    read_config: tfds.ReadConfig | None = None,
+) -> tf.data.Dataset:
+    """The prepared examples of one split, decoded.
+
+    Args:
+      data_config: names the dataset and its data_dir.
+      split: a TFDS split ("train", "validation", or a slice like "train[:10]").
+      shuffle_files: shuffle the order of the TFRecord files.
+      read_config: TFDS read options (e.g. `input_context` for per-worker
+        file sharding); defaults to TFDS's.
+
+    Returns:
+      A tf.data.Dataset of {"image": uint8 (H, W, 3), "label": uint8 (H, W)
+      in model space (0..C-1, ignore 255), "image_id": tf.string}.
+
+    Raises:
+      DatasetNotPreparedError: the message gives the prepare_data.py command.
+    """
+    ds = _builder(data_config).as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config)
+
+    def squeeze(example):
+        return {"image": example["image"], "label": example["label"][..., 0], "image_id": example["image_id"]}
+
+    return ds.map(squeeze, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def num_examples(data_config: DataConfig, split: str) -> int:
+    """Examples in a prepared split (a TFDS split name or slice).
+
+    Args:
+      data_config: names the dataset and its data_dir.
+      split: e.g. "train", "validation", "train[:10]".
+    """
+    return _builder(data_config).info.splits[split].num_examples

@@ -1,0 +1,175 @@
+"""A synthetic shapes dataset in the VOC on-disk layout, and its TFDS builder.
+
+Five classes: 0 background, 1 disc, 2 square, 3 triangle, 4 ring. Each
+image holds 1-4 shapes (rotated, of random size, overlapping) on a
+textured, noisy background. Every class has a colour tendency, but a
+quarter of the shapes take a random colour and the background takes random
+tints, so colour is a cue and shape decides (a ring and a disc differ only
+by the hole). Like VOC, a thin band along every class boundary is labelled
+255 (ignored).
+
+`write_dataset` writes
+
+  OUT/VOCdevkit/VOC2012/JPEGImages/ID.jpg
+  OUT/VOCdevkit/VOC2012/SegmentationClass/ID.png   palette PNGs (VOC colour map)
+  OUT/VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt
+
+which the `Synthetic` builder reads with the VOC reader (`voc.voc_split`).
+The content depends only on the seed, the counts and the size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from fcn_tf.data import classes, png, validate
+from fcn_tf.data.builder import SegmentationBuilder, SplitListing, read_split_file
+from fcn_tf.data.voc import find_voc_root, voc_split
+
+NUM_CLASSES = len(classes.SYNTHETIC_NAMES)
+LABEL_TABLE = validate.lookup_table({**{k: k for k in range(NUM_CLASSES)}, 255: 255})
+DISC, SQUARE, TRIANGLE, RING = 1, 2, 3, 4
+
+# Colour tendency of each shape class (RGB), jittered per shape.
+_CLASS_COLOURS = np.array(
+    [[0, 0, 0], [220, 60, 60], [60, 200, 80], [230, 210, 40], [50, 110, 230]], np.float32
+)
+_RANDOM_COLOUR_PROB = 0.25
+_JPEG_QUALITY = 90
+
+
+def _shape_mask(kind: int, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float, angle: float):
+    """Boolean mask of one shape of `kind` centred at (cy, cx) with size r."""
+    dy, dx = yy - cy, xx - cx
+    if kind == DISC:
+        return dy**2 + dx**2 <= r**2
+    if kind == RING:
+        d2 = dy**2 + dx**2
+        return (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
+    c, s = np.cos(angle), np.sin(angle)
+    u, v = c * dx + s * dy, -s * dx + c * dy
+    if kind == SQUARE:
+        half = r * 0.8
+        return (np.abs(u) <= half) & (np.abs(v) <= half)
+    # Triangle: intersection of three half-planes whose normals are 120 degrees apart.
+    mask = np.ones_like(u, bool)
+    for k in range(3):
+        a = 2 * np.pi * k / 3
+        mask &= np.cos(a) * u + np.sin(a) * v <= 0.5 * r
+    return mask
+
+
+def _background(rng: np.random.Generator, height: int, width: int, yy, xx) -> np.ndarray:
+    """A textured background: smooth blobs + stripes + noise, randomly tinted."""
+    tint = rng.uniform(40, 200, 3).astype(np.float32)
+    # Desaturate towards gray so shapes stand out in colour more often than not.
+    tint = 0.5 * tint + 0.5 * tint.mean()
+    coarse = rng.normal(0, 30, (4, 5, 3)).astype(np.float32)
+    blobs = tf.image.resize(coarse[None], (height, width), "bicubic")[0].numpy()
+    freq, angle = rng.uniform(0.15, 0.6), rng.uniform(0, np.pi)
+    stripes = 20 * np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy))[..., None]
+    return tint + blobs + stripes * rng.uniform(0.2, 1.0, 3).astype(np.float32)
+
+
+def generate_example(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """One image and its label.
+
+    Args:
+      rng: the random generator (advanced by the call).
+      height: image height.
+      width: image width.
+
+    Returns:
+      (image uint8 (H, W, 3), label uint8 (H, W) in 0..4 and 255).
+    """
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = _background(rng, height, width, yy, xx)
+    label = np.zeros((height, width), np.uint8)
+    size = min(height, width)
+    for _ in range(rng.integers(1, 5)):
+        kind = int(rng.integers(1, NUM_CLASSES))
+        r = rng.uniform(0.12, 0.3) * size
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        mask = _shape_mask(kind, yy, xx, cy, cx, r, rng.uniform(0, 2 * np.pi))
+        if rng.random() < _RANDOM_COLOUR_PROB:
+            colour = rng.uniform(0, 255, 3)
+        else:
+            colour = _CLASS_COLOURS[kind] + rng.uniform(-45, 45, 3)
+        image[mask] = colour + rng.normal(0, 10, (int(mask.sum()), 3))
+        label[mask] = kind
+    image += rng.normal(0, 8, image.shape)
+    # Ignore band: pixels whose 4-neighbourhood holds another class (VOC's
+    # boundary band, here about 2 pixels wide).
+    edge = np.zeros_like(label, bool)
+    edge[1:] |= label[1:] != label[:-1]
+    edge[:-1] |= label[:-1] != label[1:]
+    edge[:, 1:] |= label[:, 1:] != label[:, :-1]
+    edge[:, :-1] |= label[:, :-1] != label[:, 1:]
+    label[edge] = validate.IGNORE_LABEL
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def write_dataset(
+    output_dir: str | Path,
+    num_train: int = 400,
+    num_val: int = 100,
+    seed: int = 0,
+    height: int = 96,
+    width: int = 128,
+) -> Path:
+    """Writes the synthetic dataset in the VOC layout (see the module docstring).
+
+    Args:
+      output_dir: the raw ("manual") directory to create or fill.
+      num_train: images in train.txt.
+      num_val: images in val.txt.
+      seed: the only source of randomness; train and val use separate streams.
+      height: image height.
+      width: image width.
+
+    Returns:
+      The VOC2012 folder written.
+    """
+    if num_train < 1 or num_val < 1 or height < 8 or width < 8:
+        raise ValueError(
+            f"need num_train, num_val >= 1 and a size >= 8x8, got {num_train}, {num_val}, {height}x{width}"
+        )
+    root = Path(output_dir) / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    colours = classes.voc_colormap(256)
+    for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
+        rng = np.random.default_rng([seed, split_index])
+        ids = [f"{split}_{i:05d}" for i in range(count)]
+        for image_id in ids:
+            image, label = generate_example(rng, height, width)
+            jpeg = tf.io.encode_jpeg(image, quality=_JPEG_QUALITY).numpy()
+            (root / "JPEGImages" / f"{image_id}.jpg").write_bytes(jpeg)
+            (root / "SegmentationClass" / f"{image_id}.png").write_bytes(
+                png.encode_palette_png(label, colours)
+            )
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+class Synthetic(SegmentationBuilder):
+    """The synthetic shapes, read from the VOC layout (VOC train/val lists, no SBD)."""
+
+    name = "synthetic"
+    NUM_CLASSES = NUM_CLASSES
+    LABEL_TABLE = LABEL_TABLE
+    IMAGE_FORMAT = "jpeg"
+    EXPECTED_COUNTS = None
+    DESCRIPTION = "Synthetic shapes (background, disc, square, triangle, ring) in the VOC layout."
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "Write it with: python scripts/make_synthetic.py --output_dir=RAW"
+
+    def _list_splits(self, manual_dir: Path) -> dict[str, SplitListing]:
+        voc_root = find_voc_root(manual_dir)
+        lists = voc_root / "ImageSets" / "Segmentation"
+        return {
+            split: SplitListing(str(lists / name), voc_split(voc_root, read_split_file(lists / name)))
+            for split, name in (("train", "train.txt"), ("validation", "val.txt"))
+        }

@@ -1,0 +1,52 @@
+r"""Prepares a dataset as TFDS files from the raw files in their official layout.
+
+  python scripts/prepare_data.py --dataset=voc_aug --manual_dir=RAW --data_dir=data/tfds
+
+writes DATA_DIR/DATASET/1.0.0 (labels in model space, images in their
+original encoding), atomically: on any error nothing is left behind and an
+existing prepared dataset is untouched. The layouts each dataset expects are
+in the docstrings of fcn_tf/data/{voc,ade20k,cityscapes,synthetic}.py.
+"""
+
+import sys
+
+from absl import app, flags
+
+from fcn_tf.data import sources
+from fcn_tf.data.builder import CountMismatchError
+from fcn_tf.data.validate import BadExampleError, DatasetLayoutError
+
+_DATASET = flags.DEFINE_enum("dataset", None, list(sources.BUILDERS), "Dataset to prepare.")
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Raw files in the dataset's official layout.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "data/tfds", "TFDS data directory to write into.")
+_SKIP_BAD = flags.DEFINE_bool("skip_bad_examples", False, "Skip and count bad examples instead of stopping.")
+_ALLOW_COUNT_MISMATCH = flags.DEFINE_bool(
+    "allow_count_mismatch", False, "Accept split sizes that differ from the real dataset's (subsets)."
+)
+flags.mark_flags_as_required(["dataset", "manual_dir"])
+
+
+def main(argv):
+    del argv
+    try:
+        result = sources.prepare(
+            _DATASET.value,
+            _MANUAL_DIR.value,
+            _DATA_DIR.value,
+            skip_bad_examples=_SKIP_BAD.value,
+            allow_count_mismatch=_ALLOW_COUNT_MISMATCH.value,
+        )
+    except BadExampleError as e:
+        sys.exit(f"error: bad example {e}\n(nothing was written; --skip_bad_examples skips and counts them)")
+    except (DatasetLayoutError, CountMismatchError) as e:
+        sys.exit(f"error: {e}\n(nothing was written)")
+    counts = ", ".join(f"{split}: {n:,}" for split, n in result.num_examples.items())
+    print(f"Prepared {_DATASET.value} in {result.path} ({counts})")
+    if result.skipped:
+        print(f"Skipped {len(result.skipped)} bad example(s):")
+        for error in result.skipped:
+            print(f"  {error}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -121,22 +121,25 @@ def eval_scalars(results: dict, class_names: list[str] | None = None) -> dict[st
     """Flattens an evaluation result into `eval/...` scalar tags.
 
     Args:
-      results: a dict with "mIoU" and "aAcc" (and optionally "mAcc") floats
-        and optionally "IoU" (a per-class sequence, NaN for absent classes, or
-        a {name: IoU} dict).
-      class_names: names for a per-class sequence (index used otherwise).
+      results: `fcn_tf.eval_lib.evaluate`'s dict: "miou", "aacc", "macc"
+        floats, "iou" per-class (NaN for classes absent from labels and
+        predictions, which get no tag) and "class_names". The spellings
+        "mIoU"/"aAcc"/"mAcc"/"IoU" are accepted too.
+      class_names: names for the per-class values when `results` has none.
     """
     out = {}
-    for key in ("mIoU", "aAcc", "mAcc"):
-        if key in results and results[key] is not None:
-            out[f"eval/{key}"] = float(results[key])
-    per_class = results.get("IoU", results.get("per_class_iou"))
+    for key, tag in (("miou", "mIoU"), ("aacc", "aAcc"), ("macc", "mAcc")):
+        value = results.get(key, results.get(tag))
+        if value is not None:
+            out[f"eval/{tag}"] = float(value)
+    per_class = results.get("iou", results.get("IoU"))
+    names = results.get("class_names") or class_names
     if per_class is not None:
-        items = per_class.items() if isinstance(per_class, dict) else enumerate(per_class)
+        items = (
+            per_class.items() if isinstance(per_class, dict) else enumerate(np.asarray(per_class).tolist())
+        )
         for key, value in items:
-            name = (
-                class_names[key] if isinstance(key, int) and class_names and key < len(class_names) else key
-            )
+            name = names[key] if isinstance(key, int) and names and key < len(names) else key
             if value is not None and np.isfinite(float(value)):  # absent classes have no IoU
                 out[f"eval/IoU/{name}"] = float(value)
     return out

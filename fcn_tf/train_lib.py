@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable
 
 import keras
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -134,12 +133,9 @@ def load_pretrained(model: keras.Model, config: ExperimentConfig) -> str:
             f"  (convert it with fcn_tf.models.convert), or train from random init with --from_scratch "
             f"or --override=model.pretrained_backbone="
         )
-    from fcn_tf import models
+    from fcn_tf.models.convert import load_pretrained_backbone
 
-    loader = getattr(models, "load_pretrained_backbone", None)
-    if loader is None:
-        raise NotImplementedError("fcn_tf.models.load_pretrained_backbone is not available")
-    loader(model, path)
+    load_pretrained_backbone(model, path, config.model.pretrained_backbone_source)
     return path
 
 
@@ -155,16 +151,10 @@ def _default_dataset_fn(config: ExperimentConfig) -> Callable:
     return lambda input_context: build_dataset(config.data, True, input_context)
 
 
-def _default_eval_dataset_fn(config: ExperimentConfig) -> Callable:
+def _default_image_dataset(config: ExperimentConfig) -> tf.data.Dataset:
     from fcn_tf.data import build_dataset
 
-    def make():
-        dataset = build_dataset(config.data, False)
-        if config.trainer.eval_max_examples:
-            dataset = dataset.take(config.trainer.eval_max_examples)
-        return dataset
-
-    return make
+    return build_dataset(config.data, False)
 
 
 # --------------------------------------------------------------------------- step
@@ -250,13 +240,21 @@ def make_train_step(
 def _run_evaluation(model, config, strategy, eval_dataset_fn):
     from fcn_tf import eval_lib
 
-    return eval_lib.evaluate(model, eval_dataset_fn(), config, strategy=strategy)
+    # eval_dataset_fn None: eval_lib builds the eval split itself, sharded per worker.
+    return eval_lib.evaluate(
+        model,
+        eval_dataset_fn,
+        config,
+        strategy=strategy,
+        max_examples=config.trainer.eval_max_examples,
+        log_every=0,
+    )
 
 
-def _image_batch(eval_dataset_fn, count: int):
+def _image_batch(dataset: tf.data.Dataset, count: int):
     """The first `count` evaluation examples, kept for image summaries (labels resized to the input)."""
     images, labels = [], []
-    for example in eval_dataset_fn().take(count):
+    for example in dataset.take(count):
         image = example["image"]
         label = tf.image.resize(example["label"][..., None], tf.shape(image)[1:3], method="nearest")[..., 0]
         images.append(image)
@@ -281,13 +279,9 @@ def _write_images(writer, step, model, batch, config, palette):
 
 
 def _palette(config):
-    try:
-        from fcn_tf.data.classes import class_names, palette
+    from fcn_tf.eval_lib import class_names_of, palette_of
 
-        return palette(config.data.dataset), list(class_names(config.data.dataset))
-    except (ImportError, KeyError, ValueError):
-        rng = np.random.default_rng(0)
-        return rng.integers(0, 256, (config.data.num_classes, 3), dtype=np.uint8), None
+    return palette_of(config), class_names_of(config)
 
 
 def _format_eta(seconds: float) -> str:
@@ -492,8 +486,6 @@ def _loop(
         writer = tf.summary.create_file_writer(summaries.summary_dir(workdir, "train"))
         eval_writer = tf.summary.create_file_writer(summaries.summary_dir(workdir, "eval"))
     palette, class_names = _palette(config)
-    if eval_dataset_fn is None:
-        eval_dataset_fn = _default_eval_dataset_fn(config)  # lazy: built on first use
     image_batch = None
 
     def run_eval(at_step):
@@ -590,7 +582,8 @@ def _loop(
                 and (current % t.image_summary_every == 0 or current == t.train_steps)
             ):
                 if image_batch is None:
-                    image_batch = _image_batch(eval_dataset_fn, 3)
+                    source = eval_dataset_fn() if eval_dataset_fn else _default_image_dataset(config)
+                    image_batch = _image_batch(source, 3)
                 _write_images(writer, current, model, image_batch, config, palette)
             if current % t.checkpoint_every == 0 or current == t.train_steps:
                 last_path = save(current)

@@ -1,0 +1,62 @@
+"""Trains an experiment; rerunning the same command resumes from the workdir's last checkpoint.
+
+    python scripts/train.py --experiment=ade20k_r50_os8 --workdir=runs/ade20k_r50_os8 \
+        [--data_dir=~/tensorflow_datasets] [--override=trainer.train_steps=1000 ...] \
+        [--strategy=auto|mirrored|multiworker|default] [--from_scratch]
+
+The strategy follows the machine (multi-worker when TF_CONFIG describes a
+cluster, else mirrored over the local GPUs, else the CPU). On SIGTERM a
+checkpoint is saved and the process exits with code 42 (rerun to resume).
+"""
+
+import sys
+
+from absl import app, flags, logging
+
+import experiments
+from fcn_tf import distribute, train_lib
+from fcn_tf.config import ConfigError, override, validate
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("experiment", None, "Registered experiment name (scripts/list_experiments.py).")
+flags.DEFINE_string("workdir", None, "Output directory: config.json, checkpoints/, tensorboard/.")
+flags.DEFINE_string("data_dir", None, "TFDS data directory (overrides data.data_dir).")
+flags.DEFINE_multi_string(
+    "override", [], "Config assignment key=value, e.g. trainer.train_steps=20; repeatable."
+)
+flags.DEFINE_enum("strategy", "auto", list(distribute.STRATEGIES), "tf.distribute strategy.")
+flags.DEFINE_bool("from_scratch", False, "Ignore model.pretrained_backbone and start from random weights.")
+flags.mark_flags_as_required(["experiment", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        config = experiments.get(FLAGS.experiment)
+        assignments = list(FLAGS.override)
+        if FLAGS.data_dir:
+            assignments.append(f"data.data_dir={FLAGS.data_dir}")
+        config = validate(override(config, *assignments))
+    except (KeyError, ConfigError) as e:
+        sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
+    strategy = distribute.make_strategy(FLAGS.strategy)
+    try:
+        result = train_lib.train(config, FLAGS.workdir, strategy, from_scratch=FLAGS.from_scratch)
+    except train_lib.Preempted as e:
+        logging.warning("%s", e)
+        sys.exit(train_lib.PREEMPTED_EXIT_CODE)
+    except (train_lib.NonFiniteLossError, train_lib.WorkdirLockedError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    evaluation = result.get("eval")
+    if evaluation:
+        print(
+            f"{config.name}: step {result['step']}, mIoU {evaluation['miou']:.4f}, aAcc {evaluation['aacc']:.4f} "
+            f"({result['checkpoint']})"
+        )
+    else:
+        print(f"{config.name}: step {result['step']}, loss {result['loss']:.4f} ({result['checkpoint']})")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -132,10 +132,12 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
     def _split_generators(self, dl_manager):
         splits = self.list_splits(dl_manager.manual_dir)
-        return {name: self._generate_examples(listing.examples) for name, listing in splits.items()}
+        return {name: self._generate_examples(name, listing) for name, listing in splits.items()}
 
-    def _generate_examples(self, examples: list[RawExample]):
-        for raw in examples:
+    def _generate_examples(self, split: str, listing: SplitListing):
+        skipped_before = len(self.skipped)
+        written = 0
+        for raw in listing.examples:
             try:
                 example = validate.make_example(raw, self.LABEL_TABLE, self.NUM_CLASSES)
             except BadExampleError as e:
@@ -143,7 +145,14 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
                     raise
                 self.skipped.append(e)
                 continue
+            written += 1
             yield raw.image_id, example
+        if not written:
+            skipped = self.skipped[skipped_before:]
+            raise validate.DatasetLayoutError(
+                f"{listing.source}: split {split!r} left empty after skipping {len(skipped)} bad example(s): "
+                + "; ".join(str(e) for e in skipped[:3])
+            )
 
 
 def read_split_file(path: Path) -> list[str]:

@@ -103,7 +103,7 @@ def prepare(
 
     Raises:
       validate.DatasetLayoutError: missing folders or split lists, or a split
-        left empty.
+        left empty (also after skipping bad examples).
       builder.CountMismatchError: split sizes differ from the real dataset.
       BadExampleError: a bad example (without `skip_bad_examples`).
     """
@@ -125,12 +125,6 @@ def prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)),
         )
         counts = {name: split.num_examples for name, split in builder.info.splits.items()}
-        empty = [name for name, n in counts.items() if n == 0]
-        if empty:
-            raise validate.DatasetLayoutError(
-                f"{manual_dir}: split(s) {', '.join(empty)} left empty after skipping "
-                f"{len(builder.skipped)} bad example(s): " + "; ".join(str(e) for e in builder.skipped[:5])
-            )
         built = Path(builder.data_path)
         final = data_dir / built.relative_to(tmp)
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,332 @@
+"""The SavedModel export: layout, signatures, fresh-process parity, warm-up, bad input."""
+
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import experiments
+from fcn_tf import export_lib
+from fcn_tf.config import override
+from fcn_tf.models import build_fcn
+
+MAX_PIXELS = 64 * 64
+NAME = "fcn"
+
+
+def tiny_config():
+    # eval_target smaller than the test images, so the in-graph resize and the
+    # resize back both do something.
+    return override(
+        experiments.get("synthetic_r18_os8"),
+        "model.head_channels=16",
+        "model.aux_channels=8",
+        "data.eval_target=32,24",
+    )
+
+
+def random_image(seed, height, width, channels=3):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
+
+
+def png(image):
+    return tf.io.encode_png(image).numpy()
+
+
+def png_header_only(width, height):
+    """A PNG whose IHDR claims `width` x `height` (the decoder would reject 0)."""
+
+    def chunk(kind, payload):
+        return (
+            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
+def bmp(image):
+    """A 24-bit BMP (TensorFlow cannot encode one): sizes only known after decoding."""
+    height, width, _ = image.shape
+    row = width * 3 + (-width * 3) % 4
+    pixels = b"".join(
+        image[y, :, ::-1].tobytes() + b"\0" * (row - width * 3) for y in reversed(range(height))
+    )
+    header = struct.pack("<2sIHHI", b"BM", 54 + len(pixels), 0, 0, 54)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, len(pixels), 2835, 2835, 0, 0)
+    return header + info + pixels
+
+
+def reference_logits(model, config, image):
+    """The in-process model with the eval recipe written out independently of export_lib."""
+    h, w = image.shape[:2]
+    target = config.data.eval_target
+    scale = min(max(target) / max(h, w), min(target) / min(h, w))
+    size = (int(h * scale + 0.5), int(w * scale + 0.5))
+    x = tf.image.resize(image[np.newaxis].astype(np.float32), size, method="bilinear")
+    x = (x - np.array(config.data.mean, np.float32)) / np.array(config.data.std, np.float32)
+    logits = model(x, training=False)["logits"]
+    return tf.image.resize(logits, (h, w), method="bilinear")[0].numpy()
+
+
+def assert_logits_close(actual, expected):
+    rel = np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
+    assert rel <= 1e-5, rel
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    config = tiny_config()
+    keras.utils.set_random_seed(0)
+    model = build_fcn(config.model, sync_bn=False)
+    base = str(tmp_path_factory.mktemp("export") / NAME)
+    path = export_lib.export(config, model, base, max_pixels=MAX_PIXELS)
+    return config, model, base, path
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    return tf.saved_model.load(exported[3])
+
+
+def test_layout_assets_and_versions(exported):
+    config, model, base, path = exported
+    assert path == os.path.join(base, "1")
+    assert sorted(os.listdir(base)) == ["1"]  # the staging directory is gone
+    for name in ("saved_model.pb", "variables", "assets", "assets.extra/tf_serving_warmup_requests"):
+        assert os.path.exists(os.path.join(path, name)), name
+    names, palette = export_lib.read_class_info(path)
+    assert names == ["background", "disc", "square", "triangle", "ring"]
+    assert palette.shape == (5, 3) and palette.dtype == np.uint8
+    assert export_lib.read_config(path) == config
+    assert export_lib.resolve_version_dir(base) == path
+    assert export_lib.next_version(base) == 2
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_lib.export(config, model, base, version=1)
+
+
+def test_next_version_ignores_non_integer_entries(tmp_path):
+    for name in ("3", "10", ".tmp-11-abc", "notes"):
+        (tmp_path / name).mkdir()
+    assert export_lib.next_version(str(tmp_path)) == 11
+    assert export_lib.next_version(str(tmp_path / "missing")) == 1
+
+
+def test_saved_model_cli_lists_signatures(exported):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tensorflow.python.tools.saved_model_cli",
+            "show",
+            "--all",
+            "--dir",
+            exported[3],
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    ).stdout
+    # {signature: {(section, name): (dtype, shape)}} from the CLI's text.
+    signatures = {}
+    for name, body in re.findall(r"signature_def\['(\w+)'\]:(.*?)Method name", out, re.S):
+        entries = re.findall(
+            r"(inputs|outputs)\['(\w+)'\] tensor_info:\s+dtype: (\w+)\s+shape: ([^\n]+)", body
+        )
+        signatures[name] = {(section, key): (dtype, shape) for section, key, dtype, shape in entries}
+    assert set(export_lib.SIGNATURES) <= set(signatures), out
+
+    def tensors(name, section):
+        return {key: v for (sec, key), v in signatures[name].items() if sec == section}
+
+    assert tensors("serving_default", "inputs") == {"images": ("DT_STRING", "(-1)")}
+    assert tensors("serving_default", "outputs") == {
+        "confidence": ("DT_FLOAT", "(-1, -1, -1)"),
+        "heights": ("DT_INT32", "(-1)"),
+        "labels": ("DT_INT32", "(-1, -1, -1)"),
+        "widths": ("DT_INT32", "(-1)"),
+    }
+    for name in ("predict_images", "predict_images_with_logits"):
+        assert tensors(name, "inputs") == {"images": ("DT_UINT8", "(-1, -1, -1, 3)")}
+    assert tensors("predict_images", "outputs") == {
+        "confidence": ("DT_FLOAT", "(-1, -1, -1)"),
+        "labels": ("DT_INT32", "(-1, -1, -1)"),
+    }
+    assert tensors("predict_images_with_logits", "outputs") == {
+        "confidence": ("DT_FLOAT", "(-1, -1, -1)"),
+        "labels": ("DT_INT32", "(-1, -1, -1)"),
+        "logits": ("DT_FLOAT", "(-1, -1, -1, 5)"),
+    }
+
+
+# Runs in a fresh interpreter: TensorFlow and the serving protos only.
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path, inputs, outputs = sys.argv[1:4]
+    data = np.load(inputs)
+    model = tf.saved_model.load(path)
+    result = {}
+    encoded = [open(name, "rb").read() for name in ("photo.jpg", "small.png")]
+    out = model.signatures["serving_default"](images=tf.constant(encoded))
+    for key, value in out.items():
+        result["serve_" + key] = value.numpy()
+    for name in ("predict_images", "predict_images_with_logits"):
+        out = model.signatures[name](images=tf.constant(data["pixels"]))
+        for key, value in out.items():
+            result[name + "_" + key] = value.numpy()
+    warmup = path + "/assets.extra/tf_serving_warmup_requests"
+    replayed = []
+    for record in tf.data.TFRecordDataset(warmup):
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        request = log.predict_log.request
+        feeds = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+        out = model.signatures[request.model_spec.signature_name](**feeds)
+        replayed.append(request.model_spec.name + "/" + request.model_spec.signature_name)
+        result["warmup_" + request.model_spec.signature_name] = out["labels"].numpy()
+    result["replayed"] = np.array(replayed)
+    result["fcn_tf_imported"] = np.array(any(m.split(".")[0] == "fcn_tf" for m in sys.modules))
+    np.savez(outputs, **result)
+    """
+)
+
+
+def test_fresh_process_matches_in_process_model(exported, tmp_path):
+    config, model, base, path = exported
+    photo = random_image(1, 40, 56)
+    jpeg = tf.io.encode_jpeg(photo, quality=90).numpy()
+    small = random_image(2, 30, 20)
+    pixels = np.stack([random_image(3, 36, 44), random_image(4, 36, 44)])
+    (tmp_path / "photo.jpg").write_bytes(jpeg)
+    (tmp_path / "small.png").write_bytes(png(small))
+    np.savez(tmp_path / "in.npz", pixels=pixels)
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH_PROCESS)
+    subprocess.run(
+        [sys.executable, str(script), path, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+        check=True,
+        cwd=tmp_path,  # not the repository, so fcn_tf cannot sneak in from the cwd
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    out = np.load(tmp_path / "out.npz", allow_pickle=True)
+    assert not out["fcn_tf_imported"]
+
+    # serving_default: two sizes in one batch, padded with -1 / 0.
+    decoded = tf.io.decode_jpeg(jpeg, channels=3).numpy()
+    np.testing.assert_array_equal(out["serve_heights"], [40, 30])
+    np.testing.assert_array_equal(out["serve_widths"], [56, 20])
+    assert out["serve_labels"].shape == (2, 40, 56)
+    for i, image in enumerate([decoded, small]):
+        h, w = image.shape[:2]
+        logits = reference_logits(model, config, image)
+        np.testing.assert_array_equal(out["serve_labels"][i, :h, :w], logits.argmax(-1))
+        probs = tf.nn.softmax(logits).numpy().max(-1)
+        np.testing.assert_allclose(out["serve_confidence"][i, :h, :w], probs, rtol=1e-5)
+    assert (out["serve_labels"][1, 30:] == -1).all() and (out["serve_labels"][1, :, 20:] == -1).all()
+    assert (out["serve_confidence"][1, 30:] == 0).all()
+
+    # predict_images(_with_logits): same size batch, logits at the input size.
+    expected = np.stack([reference_logits(model, config, image) for image in pixels])
+    assert out["predict_images_with_logits_logits"].shape == (2, 36, 44, 5)
+    assert_logits_close(out["predict_images_with_logits_logits"], expected)
+    np.testing.assert_array_equal(out["predict_images_labels"], expected.argmax(-1))
+    np.testing.assert_array_equal(out["predict_images_with_logits_labels"], expected.argmax(-1))
+    assert out["predict_images_labels"].dtype == np.int32
+
+    # Warm-up: one record per signature, replayed through the loaded model.
+    assert sorted(out["replayed"]) == sorted(f"{NAME}/{s}" for s in export_lib.SIGNATURES)
+    assert out["warmup_serving_default"].shape == (1, 24, 32)
+    np.testing.assert_array_equal(out["warmup_predict_images"], out["warmup_predict_images_with_logits"])
+
+
+def test_grayscale_and_rgba_are_converted_to_rgb(loaded):
+    serve = loaded.signatures["serving_default"]
+    rgb = random_image(5, 20, 28)
+    gray = rgb[..., :1]
+    rgba = np.concatenate([rgb, random_image(6, 20, 28, 1)], -1)
+    out = serve(images=tf.constant([png(gray), png(rgba), png(np.repeat(gray, 3, -1)), png(rgb)]))
+    labels = out["labels"].numpy()
+    np.testing.assert_array_equal(labels[0], labels[2])  # gray -> replicated channels
+    np.testing.assert_array_equal(labels[1], labels[3])  # RGBA -> alpha dropped
+
+
+def bad_inputs():
+    return {
+        "empty bytes": (b"", r"images\[1\] is empty \(0 bytes\)"),
+        "not an image": (b"this is a text file, not a picture", r"images\[1\] is not an image"),
+        "zero-size png": (png_header_only(0, 10), r"images\[1\] has size 10x0 .*1 to max_pixels=4096"),
+        "too many pixels (png header)": (png(random_image(7, 80, 60)), r"images\[1\] has size 80x60"),
+        "too many pixels (jpeg header)": (
+            tf.io.encode_jpeg(random_image(8, 70, 70)).numpy(),
+            r"images\[1\] has size 70x70",
+        ),
+        "too many pixels (bmp, after decoding)": (
+            bmp(random_image(9, 65, 65)),
+            r"images\[1\] has size 65x65",
+        ),
+        "truncated jpeg": (tf.io.encode_jpeg(random_image(10, 20, 20)).numpy()[:60], r"JPEG"),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_inputs()))
+def test_bad_encoded_input_is_invalid_argument(loaded, case):
+    contents, message = bad_inputs()[case]
+    serve = loaded.signatures["serving_default"]
+    good = png(random_image(11, 16, 16))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        serve(images=tf.constant([good, contents]))
+    # The model keeps serving after the error.
+    assert serve(images=tf.constant([good]))["labels"].shape == (1, 16, 16)
+
+
+def test_bmp_is_decoded(loaded):
+    image = random_image(12, 12, 10)
+    out = loaded.signatures["serving_default"](images=tf.constant([bmp(image), png(image)]))
+    np.testing.assert_array_equal(out["labels"][0], out["labels"][1])
+
+
+@pytest.mark.parametrize("shape", [(1, 0, 5, 3), (1, 5, 0, 3), (1, 65, 64, 3)])
+def test_bad_pixel_input_is_invalid_argument(loaded, shape):
+    predict = loaded.signatures["predict_images"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"images has size .*max_pixels=4096"):
+        predict(images=tf.zeros(shape, tf.uint8))
+    assert predict(images=tf.zeros([1, 8, 8, 3], tf.uint8))["labels"].shape == (1, 8, 8)
+
+
+def test_empty_batch(loaded):
+    out = loaded.signatures["serving_default"](images=tf.constant([], tf.string))
+    assert out["labels"].shape[0] == 0 and out["heights"].shape == (0,)
+
+
+def test_class_info_validates_overrides():
+    config = tiny_config()
+    with pytest.raises(ValueError, match="3 class names"):
+        export_lib.class_info(config, class_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="palette"):
+        export_lib.class_info(config, palette=np.zeros((5, 4)))
+
+
+def test_load_config_prefers_workdir_config(tmp_path):
+    from fcn_tf.config import to_json
+
+    trained = override(tiny_config(), "data.eval_target=40,30")
+    (tmp_path / "config.json").write_text(to_json(trained))
+    config = export_lib.load_config(tiny_config(), str(tmp_path), ["model.dropout=0.2"])
+    assert config.data.eval_target == (40, 30) and config.model.dropout == 0.2
+    assert json.loads(to_json(export_lib.load_config(tiny_config()))) == json.loads(to_json(tiny_config()))

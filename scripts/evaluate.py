@@ -1,0 +1,138 @@
+r"""Evaluates a trained FCN on its experiment's evaluation split (mIoU as the reference computes it).
+
+  python scripts/evaluate.py --experiment=synthetic_r18_os8 --workdir=runs/demo --output=runs/demo/eval.json
+  python scripts/evaluate.py --experiment=cityscapes_r50_os8 --checkpoint=PATH --mode=slide \
+      --scales=0.5,0.75,1.0,1.25,1.5,1.75 --flip --save_predictions=/tmp/preds
+
+Prints the per-class IoU table and the summary (mIoU, mAcc, aAcc), and with
+--output writes them as JSON (nan -> null). With --workdir the config the
+run was trained with (WORKDIR/config.json) is used when present; --override
+and the eval flags apply on top. Runs under the same strategy selection as
+training (`fcn_tf.distribute.make_strategy`).
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+import experiments
+from fcn_tf import config as config_lib
+
+_EXPERIMENT = flags.DEFINE_string(
+    "experiment", None, "Registered experiment name (see scripts/list_experiments.py)."
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Training work directory: its latest checkpoint is evaluated."
+)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A checkpoint prefix or a Keras .weights.h5 file.")
+_MODE = flags.DEFINE_enum(
+    "mode", None, list(config_lib.EVAL_MODES), "Inference mode (default: the experiment's)."
+)
+_SCALES = flags.DEFINE_list("scales", None, "Test-time scales, e.g. 0.5,0.75,1.0,1.25,1.5,1.75.")
+_FLIP = flags.DEFINE_bool("flip", None, "Also average horizontally flipped predictions.")
+_OUTPUT = flags.DEFINE_string("output", None, "Write the metrics to this JSON file.")
+_SAVE_PREDICTIONS = flags.DEFINE_string(
+    "save_predictions", None, "Write prediction PNGs into this directory."
+)
+_OVERRIDE = flags.DEFINE_multi_string("override", [], "Config override key=value (repeatable).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (default: the experiment's).")
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Evaluate only the first N examples (0: all).")
+_STRATEGY = flags.DEFINE_string(
+    "strategy", "auto", "Distribution strategy: auto, mirrored, multiworker or default (fcn_tf.distribute)."
+)
+
+
+def resolve_config(name: str, workdir: str | None, overrides: list[str]) -> config_lib.ExperimentConfig:
+    """The experiment (or the workdir's resolved config of it) with overrides and eval flags applied."""
+    config = experiments.get(name)
+    saved = os.path.join(workdir, "config.json") if workdir else None
+    if saved and os.path.isfile(saved):
+        with open(saved) as f:
+            config = config_lib.from_dict(json.load(f))
+        if config.name != name:
+            raise ValueError(f"{workdir} was trained with experiment {config.name!r}, not {name!r}")
+        logging.info("Using the training config %s", saved)
+    flag_overrides = []
+    if _MODE.value:
+        flag_overrides.append(f"eval.mode={_MODE.value}")
+    if _SCALES.value:
+        flag_overrides.append(f"eval.scales={','.join(_SCALES.value)}")
+    if _FLIP.value is not None:
+        flag_overrides.append(f"eval.flip={_FLIP.value}")
+    if _DATA_DIR.value:
+        flag_overrides.append(f"data.data_dir={_DATA_DIR.value}")
+    return config_lib.validate(config_lib.override(config, *overrides, *flag_overrides))
+
+
+def main(argv):
+    del argv
+    if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
+        sys.exit("error: give exactly one of --workdir or --checkpoint")
+    try:
+        config = resolve_config(_EXPERIMENT.value, _WORKDIR.value, _OVERRIDE.value)
+    except KeyError as e:
+        sys.exit(f"error: {e.args[0]}")
+    except (config_lib.ConfigError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+    # TensorFlow is imported only now, so that bad arguments are reported at once.
+    from fcn_tf import checkpoints, distribute, eval_lib
+    from fcn_tf.metrics import format_table
+    from fcn_tf.models import build_fcn
+
+    try:
+        strategy = distribute.make_strategy(_STRATEGY.value)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    with strategy.scope():
+        model = build_fcn(config.model)
+    try:
+        restored = checkpoints.restore_model(model, _WORKDIR.value or _CHECKPOINT.value)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+    eval_config = config.eval
+    logging.info(
+        "Evaluating %s from %s on %s/%s: mode=%s scales=%s flip=%s, %d replica(s)",
+        config.name, restored, config.data.dataset, config.data.eval_split, eval_config.mode,
+        eval_config.scales, eval_config.flip,
+        strategy.num_replicas_in_sync,
+    )  # fmt: skip
+
+    result = eval_lib.evaluate(
+        model,
+        None,  # eval_lib builds fcn_tf.data.build_dataset(config.data, training=False) per input pipeline
+        config,
+        strategy=strategy,
+        max_examples=_MAX_EXAMPLES.value,
+        save_predictions_dir=_SAVE_PREDICTIONS.value,
+    )
+    if not distribute.is_chief(strategy):
+        return
+    print(format_table(result, result["class_names"]))
+    print(
+        f"{config.name} ({eval_config.mode}, scales={list(eval_config.scales)}, flip={eval_config.flip}): {result['num_examples']} images, "
+        f"mIoU={100 * result['miou']:.2f} mAcc={100 * result['macc']:.2f} aAcc={100 * result['aacc']:.2f} "
+        f"({result['examples_per_second']:.2f} images/s)"
+    )
+    if _OUTPUT.value:
+        record = dict(
+            experiment=config.name,
+            checkpoint=restored,
+            eval=config_lib.to_dict(config)["eval"],
+            dataset=config.data.dataset,
+            split=config.data.eval_split,
+            **eval_lib.to_jsonable(result),
+        )
+        directory = os.path.dirname(_OUTPUT.value)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        with open(_OUTPUT.value, "w") as f:
+            json.dump(record, f, indent=2, allow_nan=False)
+        print(f"Wrote {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("experiment")
+    app.run(main)

@@ -1,0 +1,543 @@
+"""The reference train augmentation as pure TensorFlow ops on (image, label).
+
+Every op takes an explicit stateless seed (an int32/int64 tensor of shape
+[2]), so a result depends only on its inputs and the seed: runs are
+reproducible, and a `tf.data` iterator that derives the seeds from the
+element index can be checkpointed and restored exactly.
+
+Conventions: images are (H, W, 3) RGB, uint8 or float32 on the 0..255
+scale; labels are (H, W) integers (uint8 or int32), classes 0..C-1 and the
+ignore value. Labels are only ever resized with nearest neighbour and
+padded with the ignore value; their dtype is preserved.
+
+The reference is sssegmentation / mmsegmentation (OpenCV + numpy, see
+RECIPE.md). Where TensorFlow cannot reproduce it bit for bit the docstring
+says how it differs:
+- the resized image stays float32 (OpenCV rounds it to uint8);
+- the HSV steps work in float HSV (OpenCV quantizes H, S, V to uint8) and
+  round their result to integers as OpenCV's HSV -> RGB conversion does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+Size = Sequence[int]
+
+
+# ---------------------------------------------------------------- resize ---
+
+
+def keep_ratio_size(height, width, target: Size) -> tuple[tf.Tensor, tf.Tensor]:
+    """Size of an image resized keeping its aspect ratio to fit `target`.
+
+    mmcv's `rescale_size`: `scale = min(max(target) / max(h, w),
+    min(target) / min(h, w))`, new size `int(h * scale + 0.5)`,
+    `int(w * scale + 0.5)`. Computed in float64 as the reference (Python
+    floats) does, so the rounding matches.
+
+    Args:
+      height: image height (int or scalar tensor).
+      width: image width (int or scalar tensor).
+      target: (long, short) sizes to fit, ints or float tensors.
+
+    Returns:
+      (new_height, new_width) as int32 scalar tensors.
+    """
+    h = tf.cast(height, tf.float64)
+    w = tf.cast(width, tf.float64)
+    t0 = tf.cast(target[0], tf.float64)
+    t1 = tf.cast(target[1], tf.float64)
+    scale = tf.minimum(tf.maximum(t0, t1) / tf.maximum(h, w), tf.minimum(t0, t1) / tf.minimum(h, w))
+    new_h = tf.cast(tf.floor(h * scale + 0.5), tf.int32)
+    new_w = tf.cast(tf.floor(w * scale + 0.5), tf.int32)
+    return new_h, new_w
+
+
+def sample_resize_size(height, width, seed, scale_target: Size, ratio_range: Sequence[float]):
+    """Draws the reference's random keep-ratio size.
+
+    `r ~ U(ratio_range)`, target `(int(scale_target[0] * r),
+    int(scale_target[1] * r))` (the reference truncates the target to
+    integers), then `keep_ratio_size`.
+
+    Args:
+      height: image height.
+      width: image width.
+      seed: stateless seed, shape [2].
+      scale_target: (long, short) base target.
+      ratio_range: (low, high) of the ratio.
+
+    Returns:
+      (new_height, new_width) int32 scalar tensors.
+    """
+    r = tf.random.stateless_uniform(
+        [], seed, minval=float(ratio_range[0]), maxval=float(ratio_range[1]), dtype=tf.float64
+    )
+    target = (tf.floor(float(scale_target[0]) * r), tf.floor(float(scale_target[1]) * r))
+    return keep_ratio_size(height, width, target)
+
+
+def resize_image(image: tf.Tensor, size) -> tf.Tensor:
+    """Bilinear resize with half-pixel centres and no antialiasing.
+
+    This is OpenCV's `INTER_LINEAR` (and PyTorch's `align_corners=False`);
+    the result stays float32 on the 0..255 scale instead of being rounded.
+
+    Args:
+      image: (H, W, C) uint8 or float32.
+      size: (new_h, new_w).
+
+    Returns:
+      float32 (new_h, new_w, C).
+    """
+    return tf.image.resize(image, size, method="bilinear", antialias=False)
+
+
+def nearest_indices(src_size, dst_size, start=0, length=None) -> tf.Tensor:
+    """Source indices of OpenCV's `INTER_NEAREST` along one axis.
+
+    OpenCV maps destination pixel x to `min(floor(x * src / dst), src - 1)`
+    (no half-pixel offset, unlike `tf.image.resize(..., "nearest")`).
+
+    Args:
+      src_size: source length.
+      dst_size: destination length.
+      start: first destination index wanted.
+      length: how many destination indices (default: all from `start`).
+
+    Returns:
+      int32 vector of source indices.
+    """
+    if length is None:
+        length = dst_size - start
+    x = tf.cast(tf.range(length) + start, tf.float64)
+    ratio = tf.cast(src_size, tf.float64) / tf.cast(dst_size, tf.float64)
+    idx = tf.cast(tf.floor(x * ratio), tf.int32)
+    return tf.minimum(idx, tf.cast(src_size, tf.int32) - 1)
+
+
+def resize_label(label: tf.Tensor, size) -> tf.Tensor:
+    """Nearest-neighbour resize of a label map, exactly as OpenCV's `INTER_NEAREST`.
+
+    A gather, so label values and dtype are unchanged.
+
+    Args:
+      label: (H, W) integer label.
+      size: (new_h, new_w).
+
+    Returns:
+      (new_h, new_w) label of the same dtype.
+    """
+    shape = tf.shape(label)
+    rows = nearest_indices(shape[0], size[0])
+    cols = nearest_indices(shape[1], size[1])
+    return tf.gather(tf.gather(label, rows, axis=0), cols, axis=1)
+
+
+def random_resize(image, label, seed, scale_target: Size, ratio_range: Sequence[float]):
+    """Random keep-ratio resize (step 1 of the recipe).
+
+    Args:
+      image: (H, W, 3) uint8 or float32.
+      label: (H, W) integer label.
+      seed: stateless seed, shape [2].
+      scale_target: (long, short) base target, e.g. (2048, 512).
+      ratio_range: (low, high) range of the random ratio, e.g. (0.5, 2.0).
+
+    Returns:
+      (image float32, label) resized.
+    """
+    shape = tf.shape(label)
+    size = sample_resize_size(shape[0], shape[1], seed, scale_target, ratio_range)
+    return resize_image(image, size), resize_label(label, size)
+
+
+# ------------------------------------------------------------------ crop ---
+
+
+def crop_is_acceptable(label_crop, cat_max_ratio: float, ignore_label: int) -> tf.Tensor:
+    """The reference's crop rule: more than one class and none too frequent.
+
+    Accepts when the crop holds more than one non-ignored class and the most
+    frequent one covers less than `cat_max_ratio` of the labelled pixels.
+
+    Args:
+      label_crop: (h, w) integer label with values in 0..255.
+      cat_max_ratio: maximum share of the most frequent class.
+      ignore_label: label value that is not counted.
+
+    Returns:
+      bool scalar tensor.
+    """
+    counts = tf.math.bincount(tf.reshape(tf.cast(label_crop, tf.int32), [-1]), minlength=256, maxlength=256)
+    counts = tf.where(tf.range(256) == ignore_label, 0, counts)
+    present = tf.math.count_nonzero(counts)
+    total = tf.reduce_sum(counts)
+    largest = tf.reduce_max(counts)
+    # max / total < ratio, written without a division (total may be 0).
+    return tf.logical_and(
+        present > 1, tf.cast(largest, tf.float64) < cat_max_ratio * tf.cast(total, tf.float64)
+    )
+
+
+def choose_crop(
+    height,
+    width,
+    crop_size: Size,
+    seed,
+    label_crop_fn,
+    cat_max_ratio: float,
+    crop_tries: int,
+    ignore_label: int,
+):
+    """Draws crop offsets with the reference's retry rule, in a `tf.while_loop`.
+
+    Try `i` draws `offset_h ~ U{0..max(height - crop_h, 0)}` and likewise for
+    the width from `stateless_fold_in(seed, i)`; the first acceptable crop
+    (`crop_is_acceptable`) is kept, otherwise the last one tried
+    (sssegmentation's rule; mmsegmentation instead keeps an 11th, unchecked
+    draw). With `cat_max_ratio >= 1` the first draw is kept, as in
+    mmsegmentation.
+
+    Args:
+      height: image height (after resizing).
+      width: image width.
+      crop_size: (crop_h, crop_w); larger than the image means the whole
+        image along that axis.
+      seed: stateless seed, shape [2].
+      label_crop_fn: `(offset_h, offset_w, h, w) -> label crop`.
+      cat_max_ratio: see `crop_is_acceptable`.
+      crop_tries: maximum number of draws.
+      ignore_label: label value that is not counted.
+
+    Returns:
+      (offset_h, offset_w, crop_h, crop_w) int32 scalar tensors.
+    """
+    ch = tf.minimum(tf.cast(crop_size[0], tf.int32), height)
+    cw = tf.minimum(tf.cast(crop_size[1], tf.int32), width)
+    margin_h = tf.maximum(height - ch, 0)
+    margin_w = tf.maximum(width - cw, 0)
+    tries = crop_tries if cat_max_ratio < 1.0 else 1
+
+    def draw(i):
+        s = tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(seed, i), 2)
+        oy = tf.random.stateless_uniform([], s[0], minval=0, maxval=margin_h + 1, dtype=tf.int32)
+        ox = tf.random.stateless_uniform([], s[1], minval=0, maxval=margin_w + 1, dtype=tf.int32)
+        return oy, ox
+
+    def cond(i, oy, ox, accepted):
+        return tf.logical_and(i < tries, tf.logical_not(accepted))
+
+    def body(i, oy, ox, accepted):
+        oy, ox = draw(i)
+        if cat_max_ratio < 1.0:
+            accepted = crop_is_acceptable(label_crop_fn(oy, ox, ch, cw), cat_max_ratio, ignore_label)
+        else:
+            accepted = tf.constant(True)
+        return i + 1, oy, ox, accepted
+
+    _, oy, ox, _ = tf.while_loop(
+        cond,
+        body,
+        (tf.constant(0), tf.constant(0), tf.constant(0), tf.constant(False)),
+        maximum_iterations=tries,
+    )
+    return oy, ox, ch, cw
+
+
+def random_crop(
+    image, label, seed, crop_size: Size, cat_max_ratio: float, crop_tries: int, ignore_label: int
+):
+    """Random crop with the single-class rule (step 2 of the recipe).
+
+    Args:
+      image: (H, W, C) image.
+      label: (H, W) label.
+      seed: stateless seed, shape [2].
+      crop_size: (crop_h, crop_w); smaller images are kept whole along that
+        axis (and padded later by `pad_to_size`).
+      cat_max_ratio: see `crop_is_acceptable`.
+      crop_tries: maximum number of draws.
+      ignore_label: label value that is not counted.
+
+    Returns:
+      (image, label) crops of size min(crop, size).
+    """
+    shape = tf.shape(label)
+
+    def label_crop(oy, ox, ch, cw):
+        return label[oy : oy + ch, ox : ox + cw]
+
+    oy, ox, ch, cw = choose_crop(
+        shape[0], shape[1], crop_size, seed, label_crop, cat_max_ratio, crop_tries, ignore_label
+    )
+    return image[oy : oy + ch, ox : ox + cw], label[oy : oy + ch, ox : ox + cw]
+
+
+def random_resize_crop(
+    image,
+    label,
+    resize_seed,
+    crop_seed,
+    scale_target: Size,
+    ratio_range: Sequence[float],
+    crop_size: Size,
+    cat_max_ratio: float,
+    crop_tries: int,
+    ignore_label: int,
+):
+    """`random_resize` then `random_crop`, without resizing the whole image.
+
+    Same random draws, same label crop bit for bit (the nearest-neighbour
+    index maps are gathered for the crop window only), and the same image
+    crop up to float rounding (< 0.02 on the 0..255 scale): the image crop is
+    computed directly from the source by `ScaleAndTranslate` with a triangle
+    (bilinear) kernel, the resize scale and the crop offset as translation.
+    This avoids materializing the resized float image (up to 4096x2048x3
+    floats for Cityscapes) and converting the source to float first.
+
+    Args:
+      image: (H, W, 3) uint8 or float32.
+      label: (H, W) integer label.
+      resize_seed: seed of `random_resize`.
+      crop_seed: seed of `random_crop`.
+      scale_target: see `random_resize`.
+      ratio_range: see `random_resize`.
+      crop_size: see `random_crop`.
+      cat_max_ratio: see `random_crop`.
+      crop_tries: see `random_crop`.
+      ignore_label: see `random_crop`.
+
+    Returns:
+      (image float32, label) crops, as `random_crop(*random_resize(...))`.
+    """
+    shape = tf.shape(label)
+    h, w = shape[0], shape[1]
+    new_h, new_w = sample_resize_size(h, w, resize_seed, scale_target, ratio_range)
+
+    def label_crop(oy, ox, ch, cw):
+        rows = nearest_indices(h, new_h, oy, ch)
+        cols = nearest_indices(w, new_w, ox, cw)
+        return tf.gather(tf.gather(label, rows, axis=0), cols, axis=1)
+
+    oy, ox, ch, cw = choose_crop(
+        new_h, new_w, crop_size, crop_seed, label_crop, cat_max_ratio, crop_tries, ignore_label
+    )
+    scale = tf.stack(
+        [
+            tf.cast(new_h, tf.float32) / tf.cast(h, tf.float32),
+            tf.cast(new_w, tf.float32) / tf.cast(w, tf.float32),
+        ]
+    )
+    # Output pixel x samples the source at (x + 0.5 - translation) / scale - 0.5:
+    # translating by -offset gives pixel (offset + x) of the full resize.
+    translation = -tf.cast(tf.stack([oy, ox]), tf.float32)
+    image_crop = tf.raw_ops.ScaleAndTranslate(
+        images=image[tf.newaxis],
+        size=tf.stack([ch, cw]),
+        scale=scale,
+        translation=translation,
+        kernel_type="triangle",
+        antialias=False,
+    )[0]
+    return image_crop, label_crop(oy, ox, ch, cw)
+
+
+# ------------------------------------------------------------------ flip ---
+
+
+def random_flip(image, label, seed, prob: float):
+    """Flips image and label left-right together with probability `prob`.
+
+    Args:
+      image: (H, W, C) image.
+      label: (H, W) label.
+      seed: stateless seed, shape [2].
+      prob: flip probability.
+
+    Returns:
+      (image, label), both flipped or neither.
+    """
+    flip = tf.random.stateless_uniform([], seed) < prob
+    return tf.cond(
+        flip,
+        lambda: (tf.reverse(image, axis=[1]), tf.reverse(label, axis=[1])),
+        lambda: (image, label),
+    )
+
+
+# ----------------------------------------------------------- photometric ---
+
+
+def _convert(image, alpha=1.0, beta=0.0):
+    # The reference's `convert`: float * alpha + beta, clip to 0..255, then
+    # `astype(uint8)`, which truncates; floor is the same on 0..255.
+    return tf.floor(tf.clip_by_value(image * alpha + beta, 0.0, 255.0))
+
+
+def _from_hsv_round(image):
+    # OpenCV's HSV -> RGB conversion of uint8 images rounds and saturates.
+    return tf.clip_by_value(tf.round(image), 0.0, 255.0)
+
+
+def photometric_distortion(
+    image,
+    seed,
+    brightness_delta: float = 32.0,
+    contrast_range: Sequence[float] = (0.5, 1.5),
+    saturation_range: Sequence[float] = (0.5, 1.5),
+    hue_delta: int = 18,
+):
+    """mmsegmentation's `PhotoMetricDistortion` (step 4 of the recipe).
+
+    In order: brightness (`beta ~ U(-32, 32)`), p=0.5; contrast
+    (`alpha ~ U(0.5, 1.5)`), p=0.5, either here or last (a fair coin);
+    saturation (`S *= U(0.5, 1.5)`, clipped), p=0.5; hue
+    (`H += randint(-18, 18)` in OpenCV units of 2 degrees, i.e. at most
+    +-36 degrees, wrapping around), p=0.5. Brightness and contrast clip to
+    0..255 and truncate as the reference's uint8 conversion does; the HSV
+    steps round and clip as OpenCV's HSV -> RGB conversion does. The HSV
+    steps use TensorFlow's fused float ops (`adjust_saturation`,
+    `adjust_hue`), not OpenCV's uint8 HSV, so they differ from the reference
+    by at most the uint8 HSV quantization.
+
+    Args:
+      image: (H, W, 3) RGB, float32 (or uint8) on the 0..255 scale.
+      seed: stateless seed, shape [2].
+      brightness_delta: maximum brightness shift.
+      contrast_range: range of the contrast factor.
+      saturation_range: range of the saturation factor.
+      hue_delta: maximum hue shift in OpenCV units (180 per turn).
+
+    Returns:
+      float32 image, same shape, integer values in 0..255.
+    """
+    image = tf.cast(image, tf.float32)
+    s = tf.random.experimental.stateless_split(seed, 9)
+
+    def coin(i):
+        return tf.random.stateless_uniform([], s[i]) < 0.5
+
+    beta = tf.random.stateless_uniform([], s[1], -brightness_delta, brightness_delta)
+    contrast_last = coin(2)
+    apply_contrast = coin(3)
+    alpha = tf.random.stateless_uniform([], s[4], contrast_range[0], contrast_range[1])
+    sat = tf.random.stateless_uniform([], s[6], saturation_range[0], saturation_range[1])
+    # numpy's randint(-d, d) excludes d.
+    hue = tf.random.stateless_uniform([], s[8], -hue_delta, hue_delta, dtype=tf.int32)
+
+    image = tf.cond(coin(0), lambda: _convert(image, beta=beta), lambda: image)
+    image = tf.cond(
+        tf.logical_and(apply_contrast, tf.logical_not(contrast_last)),
+        lambda: _convert(image, alpha=alpha),
+        lambda: image,
+    )
+    image = tf.cond(coin(5), lambda: _from_hsv_round(tf.image.adjust_saturation(image, sat)), lambda: image)
+    image = tf.cond(
+        coin(7),
+        lambda: _from_hsv_round(tf.image.adjust_hue(image, tf.cast(hue, tf.float32) / 180.0)),
+        lambda: image,
+    )
+    image = tf.cond(
+        tf.logical_and(apply_contrast, contrast_last), lambda: _convert(image, alpha=alpha), lambda: image
+    )
+    return image
+
+
+# ------------------------------------------------------ normalize + pad ---
+
+
+def normalize(image, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+    """(image - mean) / std per RGB channel, float32.
+
+    Args:
+      image: (..., 3) on the 0..255 scale.
+      mean: three channel means.
+      std: three channel standard deviations.
+    """
+    mean = tf.constant(mean, tf.float32)
+    std = tf.constant(std, tf.float32)
+    return (tf.cast(image, tf.float32) - mean) / std
+
+
+def pad_to_size(image, label, size: Size, ignore_label: int):
+    """Pads bottom/right to `size`: image with 0, label with `ignore_label`.
+
+    Called after `normalize`, so the padded pixels are 0 in normalized
+    space, as the reference's `Pad` after `Normalize`.
+
+    Args:
+      image: (h, w, C) with h <= size[0] and w <= size[1].
+      label: (h, w) label.
+      size: (H, W) output size.
+      ignore_label: label padding value.
+
+    Returns:
+      (image, label) of spatial size `size` (static shape set).
+    """
+    shape = tf.shape(label)
+    pad_h = size[0] - shape[0]
+    pad_w = size[1] - shape[1]
+    image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]], constant_values=0)
+    label = tf.pad(label, [[0, pad_h], [0, pad_w]], constant_values=tf.cast(ignore_label, label.dtype))
+    image = tf.ensure_shape(image, [size[0], size[1], image.shape[-1]])
+    label = tf.ensure_shape(label, [size[0], size[1]])
+    return image, label
+
+
+# ------------------------------------------------------------ composites ---
+
+
+def train_transform(image, label, seed, data_config):
+    """The whole train augmentation of RECIPE.md for one example.
+
+    Resize + crop (fused, see `random_resize_crop`), flip, photometric
+    distortion (if `data_config.photometric`), normalize, pad.
+
+    Args:
+      image: (H, W, 3) uint8 (or float32 0..255) RGB.
+      label: (H, W) integer label.
+      seed: stateless seed of this example, shape [2].
+      data_config: a `fcn_tf.config.DataConfig`.
+
+    Returns:
+      (image float32 (crop_h, crop_w, 3) normalized, label int32 (crop_h, crop_w)).
+    """
+    c = data_config
+    s = tf.random.experimental.stateless_split(seed, 4)
+    image, label = random_resize_crop(
+        image,
+        label,
+        s[0],
+        s[1],
+        c.scale_target,
+        c.ratio_range,
+        c.crop_size,
+        c.cat_max_ratio,
+        c.crop_tries,
+        c.ignore_label,
+    )
+    image, label = random_flip(image, label, s[2], c.flip_prob)
+    if c.photometric:
+        image = photometric_distortion(image, s[3])
+    image = normalize(image, c.mean, c.std)
+    image, label = pad_to_size(image, label, c.crop_size, c.ignore_label)
+    return image, tf.cast(label, tf.int32)
+
+
+def eval_transform(image, data_config):
+    """Eval-time image transform: keep-ratio resize to `eval_target`, normalize.
+
+    Args:
+      image: (H, W, 3) uint8 (or float32 0..255) RGB.
+      data_config: a `fcn_tf.config.DataConfig`.
+
+    Returns:
+      float32 (h', w', 3) normalized image.
+    """
+    shape = tf.shape(image)
+    size = keep_ratio_size(shape[0], shape[1], data_config.eval_target)
+    return normalize(resize_image(image, size), data_config.mean, data_config.std)

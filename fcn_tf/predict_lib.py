@@ -1,0 +1,187 @@
+"""Segment image files and write pictures of the result.
+
+A `Predictor` runs the export's `serving_default` function, either loaded
+from a SavedModel (`Predictor.load`) or built in-process from a checkpoint
+(`Predictor.from_checkpoint`, the same `SegmentationServer` graph that
+`export` saves), so both paths go through the same decoding, checks,
+resizing and normalization a TF Serving client gets.
+
+`predict_files` writes, per input `NAME.ext`:
+- `NAME_labels.png`: the label map coloured with the class palette;
+- `NAME_overlay.png`: those colours blended over the image (alpha 0.5).
+A file that cannot be read or segmented is reported with the reason and
+the others are still processed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from fcn_tf import export_lib, visualize
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+
+
+@dataclasses.dataclass
+class Predictor:
+    """Segments encoded images.
+
+    Attributes:
+      serve: maps a string tensor (N,) of encoded images to the
+        `serving_default` outputs (`labels`, `confidence`, `heights`, `widths`).
+      class_names: one name per class.
+      palette: uint8 (num_classes, 3).
+    """
+
+    serve: Callable
+    class_names: list[str]
+    palette: np.ndarray
+
+    @classmethod
+    def load(cls, export_dir: str) -> Predictor:
+        """From an export: a version directory, or `BASE/NAME` (its latest version)."""
+        saved_model_dir = export_lib.resolve_version_dir(export_dir)
+        loaded = tf.saved_model.load(saved_model_dir)
+        signature = loaded.signatures[export_lib.SERVING_DEFAULT]
+        names, palette = export_lib.read_class_info(saved_model_dir)
+        return cls(lambda images: signature(images=images), names, palette)
+
+    @classmethod
+    def from_checkpoint(cls, config, checkpoint: str, max_pixels: int = export_lib.DEFAULT_MAX_PIXELS):
+        """Builds the model of `config`, restores `checkpoint` and serves it in-process.
+
+        Args:
+          config: the experiment.
+          checkpoint: workdir, checkpoint prefix or `.weights.h5` (see
+            `fcn_tf.checkpoints.resolve`).
+          max_pixels: largest height * width accepted.
+        """
+        from fcn_tf.checkpoints import restore_model
+        from fcn_tf.models import build_fcn
+
+        model = build_fcn(config.model, sync_bn=False)
+        restore_model(model, checkpoint)
+        server = export_lib.SegmentationServer(config, model, max_pixels=max_pixels)
+        names, palette = export_lib.class_info(config)
+        return cls(server.serve, names, palette)
+
+    def segment(self, contents: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """Segments one encoded image.
+
+        Returns:
+          (labels int32 (H, W), confidence float32 (H, W)) at the image's size.
+
+        Raises:
+          tf.errors.InvalidArgumentError: the bytes are not an acceptable image.
+        """
+        out = self.serve(tf.constant([contents]))
+        h, w = int(out["heights"][0]), int(out["widths"][0])
+        return out["labels"][0, :h, :w].numpy(), out["confidence"][0, :h, :w].numpy()
+
+
+def error_reason(error: Exception) -> str:
+    """A one-line reason from a TensorFlow error (the assertion text when there is one)."""
+    message = getattr(error, "message", None) or str(error)
+    found = re.search(r"assertion failed: \[(.*)\]", message)
+    if found:
+        return found.group(1).replace('\\"', '"')
+    noise = ("Graph execution error", "Detected at node", "<stack traces", "[[")
+    for line in message.splitlines():
+        line = re.sub(r"\{\{function_node [^}]*\}\}", "", line).strip()
+        if line and not line.startswith(noise):
+            return re.sub(r"\s*\[Op:[^\]]*\]$", "", line)
+    return type(error).__name__
+
+
+def list_images(path: str) -> list[str]:
+    """The image files to process: `path` itself, or the image files in a directory (sorted).
+
+    Raises:
+      FileNotFoundError: `path` does not exist.
+    """
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+        return [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+    if os.path.exists(path):
+        return [path]
+    raise FileNotFoundError(f"input not found: {path}")
+
+
+def _output_stems(paths: Sequence[str]) -> list[str]:
+    # "a.jpg" and "a.png" would both write a_labels.png: keep the extension then.
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    return [
+        stem if stems.count(stem) == 1 else os.path.basename(p).replace(".", "_")
+        for stem, p in zip(stems, paths)
+    ]
+
+
+@dataclasses.dataclass
+class FileResult:
+    """Outcome for one input file: written outputs, or the reason it failed."""
+
+    path: str
+    outputs: list[str]
+    error: str | None = None
+    size: tuple[int, int] | None = None
+
+
+def predict_files(
+    predictor: Predictor, paths: Sequence[str], output_dir: str, alpha: float = 0.5, log=print
+) -> list[FileResult]:
+    """Segments each file and writes its pictures into `output_dir`.
+
+    Args:
+      predictor: the model.
+      paths: image files.
+      output_dir: created if missing.
+      alpha: weight of the label colours in the overlay.
+      log: called with one line per file.
+
+    Returns:
+      One `FileResult` per path, in order.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    results = []
+    for path, stem in zip(paths, _output_stems(paths)):
+        try:
+            with open(path, "rb") as f:
+                contents = f.read()
+            labels, _ = predictor.segment(contents)
+            # Decoded as the serving graph decodes it (RGB, first frame).
+            image = tf.io.decode_image(contents, channels=3, expand_animations=False).numpy()
+            outputs = [
+                os.path.join(output_dir, f"{stem}_labels.png"),
+                os.path.join(output_dir, f"{stem}_overlay.png"),
+            ]
+            pictures = [
+                visualize.colorize(labels, predictor.palette),
+                visualize.overlay(image, labels, predictor.palette, alpha=alpha),
+            ]
+            for out_path, picture in zip(outputs, pictures):
+                tf.io.write_file(out_path, tf.io.encode_png(picture))
+        except (OSError, tf.errors.OpError) as e:
+            reason = error_reason(e).replace("images[0]", "image")
+            results.append(FileResult(path, [], error=reason))
+            log(f"FAILED {path}: {reason}")
+            continue
+        present = np.unique(labels)
+        names = ", ".join(predictor.class_names[i] for i in present)
+        results.append(FileResult(path, outputs, size=labels.shape))
+        log(f"ok {path} ({labels.shape[0]}x{labels.shape[1]}): {names} -> {', '.join(outputs)}")
+    return results
+
+
+def summary(results: Sequence[FileResult]) -> str:
+    """One line: how many files were segmented and how many failed."""
+    failed = [r for r in results if r.error is not None]
+    line = f"{len(results) - len(failed)} of {len(results)} images segmented, {len(failed)} failed"
+    if failed:
+        line += ": " + ", ".join(os.path.basename(r.path) for r in failed)
+    return line

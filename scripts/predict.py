@@ -1,0 +1,50 @@
+"""Segments images and writes NAME_labels.png and NAME_overlay.png for each.
+
+    python scripts/predict.py --export_dir=exports/fcn --input=photos/ --output=out/
+    python scripts/predict.py --experiment=synthetic_r18_os8 --checkpoint=runs/demo \
+        --input=photo.jpg --output=out/
+
+A file that cannot be segmented is reported (name and reason) and the others
+are still processed; the exit code is 1 when any file failed.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+import experiments
+from fcn_tf import export_lib, predict_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("export_dir", None, "Exported SavedModel: a version directory or BASE/NAME (latest).")
+flags.DEFINE_string("experiment", None, "Registered experiment name (with --checkpoint).")
+flags.DEFINE_string("checkpoint", None, "Checkpoint prefix, workdir or .weights.h5 (with --experiment).")
+flags.DEFINE_multi_string("override", [], "Config overrides key=value (with --experiment).")
+flags.DEFINE_string("input", None, "An image file or a directory of images.", required=True)
+flags.DEFINE_string("output", None, "Directory for the PNGs.", required=True)
+flags.DEFINE_float("alpha", 0.5, "Weight of the label colours in the overlay.")
+flags.DEFINE_integer("max_pixels", export_lib.DEFAULT_MAX_PIXELS, "Largest height*width (with --checkpoint).")
+
+
+def main(argv):
+    del argv
+    if bool(FLAGS.export_dir) == bool(FLAGS.checkpoint):
+        raise app.UsageError("give either --export_dir, or --experiment with --checkpoint")
+    if FLAGS.export_dir:
+        predictor = predict_lib.Predictor.load(FLAGS.export_dir)
+    else:
+        if not FLAGS.experiment:
+            raise app.UsageError("--checkpoint needs --experiment")
+        workdir = FLAGS.checkpoint if os.path.isdir(FLAGS.checkpoint) else None
+        config = export_lib.load_config(experiments.get(FLAGS.experiment), workdir, FLAGS.override)
+        predictor = predict_lib.Predictor.from_checkpoint(config, FLAGS.checkpoint, FLAGS.max_pixels)
+    paths = predict_lib.list_images(FLAGS.input)
+    results = predict_lib.predict_files(predictor, paths, FLAGS.output, alpha=FLAGS.alpha)
+    print(predict_lib.summary(results))
+    if not paths or any(r.error for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

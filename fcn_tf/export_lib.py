@@ -20,10 +20,13 @@ never overwritten) with three signatures:
   because they are num_classes times larger than the labels: a client asks
   for them by choosing this signature.
 
-Inside the graph, as evaluation does (`fcn_tf.data.augment.eval_transform`):
-keep-ratio resize to `config.data.eval_target` (bilinear, half-pixel
-centres), normalization with `config.data.mean/std`, the model in inference
-mode, bilinear resize of the logits back to the original size, argmax.
+Inside the graph, as evaluation does (`fcn_tf.data.augment.eval_transform`,
+`fcn_tf.inference.predict_whole`): keep-ratio resize to
+`config.data.eval_target` (bilinear, half-pixel centres), normalization with
+`config.data.mean/std`, the model in inference mode on the whole image,
+bilinear resize of the logits back to the original size, argmax. The export
+is always single-scale whole-image inference (the reference's evaluation);
+`config.eval`'s sliding-window / multi-scale options are not exported.
 Encoded images are decoded to RGB (grayscale is replicated, alpha dropped,
 the first frame of an animation kept).
 
@@ -53,6 +56,7 @@ import tensorflow as tf
 from absl import logging
 
 from fcn_tf import config as config_lib
+from fcn_tf import inference
 from fcn_tf.data import augment
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -190,9 +194,9 @@ def logits_at_input_size(logits_model, images, data_config):
     shape = tf.shape(images)
     size = augment.keep_ratio_size(shape[1], shape[2], data_config.eval_target)
     x = augment.normalize(augment.resize_image(images, size), data_config.mean, data_config.std)
-    logits = tf.cast(logits_model(x, training=False), tf.float32)
-    # Back to the original size with half-pixel bilinear, as evaluation scores it.
-    return tf.image.resize(logits, shape[1:3], method="bilinear")
+    # Whole-image inference, logits resized back to the original size as
+    # evaluation scores them (half-pixel bilinear).
+    return inference.predict_whole(inference.model_logits_fn(logits_model), x, shape[1:3])
 
 
 def _labels_and_confidence(logits):

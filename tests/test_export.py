@@ -330,3 +330,37 @@ def test_load_config_prefers_workdir_config(tmp_path):
     config = export_lib.load_config(tiny_config(), str(tmp_path), ["model.dropout=0.2"])
     assert config.data.eval_target == (40, 30) and config.model.dropout == 0.2
     assert json.loads(to_json(export_lib.load_config(tiny_config()))) == json.loads(to_json(tiny_config()))
+
+
+@pytest.mark.slow  # a fresh interpreter builds, restores and exports: ~45 s on 2 shared cores
+def test_export_script_from_workdir(exported, tmp_path):
+    from fcn_tf.checkpoints import checkpoint_dir
+    from fcn_tf.config import to_json
+
+    config, model, base, path = exported
+    workdir = tmp_path / "workdir"
+    tf.train.Checkpoint(model=model).save(os.path.join(checkpoint_dir(str(workdir)), "ckpt"))
+    (workdir / "config.json").write_text(to_json(config))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(repo, "scripts", "export.py"),
+            "--experiment=synthetic_r18_os8",
+            f"--workdir={workdir}",
+            f"--export_dir={base}",
+            f"--max_pixels={MAX_PIXELS}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert run.returncode == 0, run.stderr
+    version_2 = os.path.join(base, "2")
+    assert run.stdout.strip().endswith(f"to {version_2}")
+    assert export_lib.read_config(version_2) == config  # from WORKDIR/config.json
+    image = tf.constant(random_image(13, 20, 28)[np.newaxis])
+    ours = tf.saved_model.load(version_2).signatures["predict_images_with_logits"](images=image)
+    theirs = tf.saved_model.load(path).signatures["predict_images_with_logits"](images=image)
+    np.testing.assert_array_equal(ours["logits"], theirs["logits"])

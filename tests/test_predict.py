@@ -159,6 +159,7 @@ def test_predict_script_reports_bad_files_and_exit_code(setup, tmp_path):
     assert len(os.listdir(out)) == 6
 
 
+@pytest.mark.slow  # a fresh interpreter builds and restores the model: ~25-40 s
 def test_predict_script_single_good_file_from_checkpoint(setup, tmp_path):
     out = tmp_path / "out"
     run = subprocess.run(

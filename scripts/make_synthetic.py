@@ -1,7 +1,7 @@
 r"""Writes the synthetic shapes dataset in the PASCAL VOC layout.
 
-  python scripts/make_synthetic.py --output_dir=data/raw/synthetic
-  python scripts/prepare_data.py --dataset=synthetic --manual_dir=data/raw/synthetic --data_dir=data/tfds
+  python scripts/make_synthetic.py --output_dir=data/synthetic_raw
+  python scripts/prepare_data.py --dataset=synthetic --manual_dir=data/synthetic_raw --data_dir=data/tfds
 
 5 classes (background, disc, square, triangle, ring), 255 on a thin
 boundary band; deterministic for a given seed. See fcn_tf/data/synthetic.py.

@@ -69,8 +69,8 @@ def prepare_command(dataset: str, data_dir: str) -> str:
     """The command line that prepares `dataset` into `data_dir` (for messages)."""
     if dataset == "synthetic":
         return (
-            "python scripts/make_synthetic.py --output_dir=data/raw/synthetic && "
-            f"python scripts/prepare_data.py --dataset=synthetic --manual_dir=data/raw/synthetic --data_dir={data_dir}"
+            "python scripts/make_synthetic.py --output_dir=data/synthetic_raw && "
+            f"python scripts/prepare_data.py --dataset=synthetic --manual_dir=data/synthetic_raw --data_dir={data_dir}"
         )
     return f"python scripts/prepare_data.py --dataset={dataset} --manual_dir=RAW --data_dir={data_dir}"
 

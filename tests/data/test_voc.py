@@ -138,3 +138,16 @@ def test_missing_layout_names_the_expected_folders(tmp_path):
     (tmp_path / "raw" / "README").write_text("not VOC")
     with pytest.raises(validate.DatasetLayoutError, match=r"VOCdevkit/VOC2012"):
         sources.prepare("voc_aug", tmp_path / "raw", tmp_path / "out")
+
+
+@pytest.mark.parametrize("name", ["voc", "voc_merged", "ade20k", "cityscapes"])
+def test_fixtures_are_what_make_fixtures_writes(name, tmp_path):
+    # Fixtures change only through tests/testdata/make_fixtures.py.
+    fixtures.MAKERS[name](tmp_path)
+
+    def files(root):
+        return {
+            p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+        }
+
+    assert files(tmp_path) == files(TESTDATA / name)

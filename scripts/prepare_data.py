@@ -1,7 +1,11 @@
 r"""Prepares a dataset as TFDS files from the raw files in their official layout.
 
-  python scripts/prepare_data.py --dataset=voc_aug --manual_dir=RAW --data_dir=data/tfds
+  python scripts/prepare_data.py --dataset=voc_aug --manual_dir=RAW --data_dir=~/tensorflow_datasets
+  python scripts/prepare_data.py --dataset=ade20k --manual_dir=RAW --data_dir=~/tensorflow_datasets
+  python scripts/prepare_data.py --dataset=cityscapes --manual_dir=RAW --data_dir=~/tensorflow_datasets
+  python scripts/prepare_data.py --dataset=synthetic --manual_dir=data/synthetic_raw --data_dir=data/tfds
 
+(~/tensorflow_datasets and data/tfds are the experiments' data.data_dir) each
 writes DATA_DIR/DATASET/1.0.0 (labels in model space, images in their
 original encoding), atomically: on any error nothing is left behind and an
 existing prepared dataset is untouched. The layouts each dataset expects are
@@ -18,12 +22,16 @@ from fcn_tf.data.validate import BadExampleError, DatasetLayoutError
 
 _DATASET = flags.DEFINE_enum("dataset", None, list(sources.BUILDERS), "Dataset to prepare.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Raw files in the dataset's official layout.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "data/tfds", "TFDS data directory to write into.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir",
+    None,
+    "TFDS data directory to write into: the experiment's data.data_dir (or train.py --data_dir).",
+)
 _SKIP_BAD = flags.DEFINE_bool("skip_bad_examples", False, "Skip and count bad examples instead of stopping.")
 _ALLOW_COUNT_MISMATCH = flags.DEFINE_bool(
     "allow_count_mismatch", False, "Accept split sizes that differ from the real dataset's (subsets)."
 )
-flags.mark_flags_as_required(["dataset", "manual_dir"])
+flags.mark_flags_as_required(["dataset", "manual_dir", "data_dir"])
 
 
 def main(argv):

@@ -159,6 +159,7 @@ def load_split(
     *,
     shuffle_files: bool = False,
     read_config: tfds.ReadConfig | None = None,
+    decoders: dict | None = None,
 ) -> tf.data.Dataset:
     """The prepared examples of one split, decoded.
 
@@ -168,18 +169,29 @@ def load_split(
       shuffle_files: shuffle the order of the TFRecord files.
       read_config: TFDS read options (e.g. `input_context` for per-worker
         file sharding); defaults to TFDS's.
+      decoders: TFDS decoders, e.g. `{"image": tfds.decode.SkipDecoding()}`
+        to get the encoded image bytes and decode later (a crop-aware
+        `tf.image.decode_and_crop_jpeg`); default: decode everything.
 
     Returns:
       A tf.data.Dataset of {"image": uint8 (H, W, 3), "label": uint8 (H, W)
-      in model space (0..C-1, ignore 255), "image_id": tf.string}.
+      in model space (0..C-1, ignore 255), "image_id": tf.string} (a feature
+      skipped by `decoders` stays an encoded tf.string scalar).
 
     Raises:
       DatasetNotPreparedError: the message gives the prepare_data.py command.
     """
-    ds = _builder(data_config).as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config)
+    builder = _builder(data_config)
+    ds = builder.as_dataset(
+        split=split, shuffle_files=shuffle_files, read_config=read_config, decoders=decoders
+    )
 
     def squeeze(example):
-        return {"image": example["image"], "label": example["label"][..., 0], "image_id": example["image_id"]}
+        label = example["label"]
+        # The stored label is (H, W, 1); the contract is (H, W).
+        if label.dtype == tf.uint8:
+            label = label[..., 0]
+        return {"image": example["image"], "label": label, "image_id": example["image_id"]}
 
     return ds.map(squeeze, num_parallel_calls=tf.data.AUTOTUNE)
 

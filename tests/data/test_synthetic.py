@@ -124,3 +124,16 @@ def test_default_demo_size_is_fast(tmp_path):
     start = time.perf_counter()
     synthetic.write_dataset(tmp_path, num_train=100, num_val=20)
     assert time.perf_counter() - start < 15  # 500 images take a few seconds
+
+
+def test_load_split_can_skip_image_decoding(raw, tmp_path):
+    sources.prepare("synthetic", raw, tmp_path / "tfds")
+    config = DataConfig(dataset="synthetic", data_dir=str(tmp_path / "tfds"), num_classes=5)
+    ds = sources.load_split(config, "validation", decoders={"image": tfds.decode.SkipDecoding()})
+    assert ds.element_spec["image"] == tf.TensorSpec((), tf.string)
+    assert ds.element_spec["label"] == tf.TensorSpec((None, None), tf.uint8)
+    ex = next(iter(tfds.as_numpy(ds)))
+    voc = raw / "VOCdevkit" / "VOC2012"
+    assert (
+        ex["image"] == (voc / "JPEGImages" / f"{ex['image_id'].decode()}.jpg").read_bytes()
+    )  # original bytes

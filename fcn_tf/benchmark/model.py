@@ -204,8 +204,12 @@ def configure_tensorflow(threads: int, inter_op_threads: int = 0) -> None:
     """
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+    except RuntimeError:
+        # TensorFlow already started (an in-process call, e.g. a test): its pools stay.
+        print("TensorFlow is already initialized; thread settings not applied", file=sys.stderr)
 
 
 def random_batch(batch: int, size: Sequence[int], num_classes: int, seed: int = 0, ignore_label: int = 255):
@@ -363,8 +367,10 @@ def graph_flops(fn: Callable, input_spec) -> int:
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    if not isinstance(fn, tf.types.experimental.GenericFunction):
-        fn = tf.function(fn)
+    # Always a fresh trace: a tf.function that has seen other shapes (or has
+    # reduce_retracing) would hand back a concrete function with unknown
+    # dimensions, whose convolutions the profiler cannot count.
+    fn = tf.function(getattr(fn, "python_function", fn))
     concrete = fn.get_concrete_function(input_spec)
     frozen = convert_variables_to_constants_v2(concrete)
     options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()

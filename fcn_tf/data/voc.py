@@ -51,10 +51,6 @@ def find_voc_root(manual_dir: Path) -> Path:
     )
 
 
-def _png_label_reader(path: Path):
-    return lambda: validate.decode_label_png(validate.read_bytes(str(path)), str(path))
-
-
 def read_sbd_mat(path: str) -> np.ndarray:
     """Reads SBD's class segmentation `GTcls.Segmentation` from a cls/*.mat file.
 
@@ -85,28 +81,27 @@ def read_sbd_mat(path: str) -> np.ndarray:
     return segmentation
 
 
-def voc_split(voc_root: Path, ids: list[str], label_dir: str = "SegmentationClass") -> list[RawExample]:
-    """The examples of `ids` read from VOC2012's JPEGImages and a PNG label folder.
+def raw_example(image_id: str, image: Path, label: Path) -> RawExample:
+    """One example from a JPEG and a label file (a PNG, or an SBD `.mat`)."""
+
+    def read_label():
+        if label.suffix == ".mat":
+            return read_sbd_mat(str(label))
+        return validate.decode_label_png(validate.read_bytes(str(label)), str(label))
+
+    return RawExample(image_id, str(image), str(label), lambda: validate.read_bytes(str(image)), read_label)
+
+
+def voc_split(voc_root: Path, ids: list[str], label_dir: Path | None = None) -> list[RawExample]:
+    """The examples of `ids`: VOC2012's JPEGImages/ID.jpg and LABEL_DIR/ID.png.
 
     Args:
       voc_root: the VOC2012 folder.
       ids: image ids.
-      label_dir: folder of VOC2012 holding ID.png labels.
+      label_dir: the folder of the PNG labels; default VOC2012/SegmentationClass.
     """
-    examples = []
-    for image_id in ids:
-        image = voc_root / "JPEGImages" / f"{image_id}.jpg"
-        label = voc_root / label_dir / f"{image_id}.png"
-        examples.append(
-            RawExample(
-                image_id=image_id,
-                image_path=str(image),
-                label_path=str(label),
-                read_image=lambda p=str(image): validate.read_bytes(p),
-                read_label=_png_label_reader(label),
-            )
-        )
-    return examples
+    label_dir = label_dir or voc_root / "SegmentationClass"
+    return [raw_example(i, voc_root / "JPEGImages" / f"{i}.jpg", label_dir / f"{i}.png") for i in ids]
 
 
 def trainaug_ids(
@@ -130,15 +125,9 @@ def _sbd_train(voc_root: Path, sbd_root: Path, voc_val: list[str]) -> SplitListi
             image = sbd_root / "img" / f"{image_id}.jpg"
         if image_id in voc_train:
             label = voc_root / "SegmentationClass" / f"{image_id}.png"
-            read_label = _png_label_reader(label)
         else:
             label = sbd_root / "cls" / f"{image_id}.mat"
-            read_label = lambda p=str(label): read_sbd_mat(p)  # noqa: E731
-        examples.append(
-            RawExample(
-                image_id, str(image), str(label), lambda p=str(image): validate.read_bytes(p), read_label
-            )
-        )
+        examples.append(raw_example(image_id, image, label))
     source = f"trainaug from {seg_lists / 'train.txt'}, {sbd_root / 'train.txt'}, {sbd_root / 'val.txt'}"
     return SplitListing(source, examples)
 
@@ -151,13 +140,7 @@ def _merged_train(voc_root: Path, aug_dir: Path, voc_val: list[str]) -> SplitLis
         raise validate.DatasetLayoutError(
             f"{split_file}: lists {len(leaked)} validation ids (e.g. {leaked[0]}); trainaug must exclude VOC val"
         )
-    examples = voc_split(voc_root, ids)
-    # The merged labels may sit inside VOC2012/ or beside VOCdevkit/.
-    examples = [
-        RawExample(e.image_id, e.image_path, str(aug_dir / f"{e.image_id}.png"), e.read_image,
-                   _png_label_reader(aug_dir / f"{e.image_id}.png"))
-        for e in examples
-    ]  # fmt: skip
+    examples = voc_split(voc_root, ids, label_dir=aug_dir)
     return SplitListing(str(split_file), examples)
 
 

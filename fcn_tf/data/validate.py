@@ -130,7 +130,8 @@ def decode_label_png(data: bytes, path: str) -> np.ndarray:
                 raise BadExampleError(path, "palette PNG without a PLTE chunk")
             rgb = tf.io.decode_png(data, channels=3).numpy()
             return png.palette_indices(rgb, head["palette"])
-        if kind in (png.GRAY, png.GRAY_ALPHA) and depth <= 8:
+        # Only 8 bits: decoders scale 1-4 bit gray values up (1 -> 255).
+        if kind in (png.GRAY, png.GRAY_ALPHA) and depth == 8:
             return tf.io.decode_png(data, channels=1).numpy()[..., 0]
     except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
         raise BadExampleError(path, f"corrupt or truncated label PNG ({_tf_message(e)})") from None

@@ -14,6 +14,7 @@ names the builder:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -115,6 +116,12 @@ def prepare(
             f"{manual_dir}: manual directory is missing or empty. {cls.MANUAL_DOWNLOAD_INSTRUCTIONS}"
         )
     data_dir.mkdir(parents=True, exist_ok=True)
+    # A killed run cannot clean up after itself; say so rather than delete a
+    # folder that a concurrent run may still be writing.
+    for stale in sorted(data_dir.glob(f".prepare_{dataset}_*")):
+        logging.warning(
+            "%s: temporary folder of an interrupted or concurrent prepare; delete it if unused", stale
+        )
     tmp = Path(tempfile.mkdtemp(prefix=f".prepare_{dataset}_", dir=data_dir))
     try:
         builder = cls(

@@ -213,6 +213,81 @@ def logits_model(model: keras.Model) -> keras.Model:
     return keras.Model(model.input, output, name=f"{model.name}_logits")
 
 
+def _all_layers(model):
+    """Every layer of `model`, nested models' layers included (depth first)."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+def _conv_bn_pairs(model) -> dict:
+    """{conv layer name: BatchNormalization layer} for each BN applied directly to a Conv2D."""
+    pairs = {}
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization) and len(layer._inbound_nodes) == 1:
+            producer = layer._inbound_nodes[0].input_tensors[0]._keras_history.operation
+            if isinstance(producer, keras.layers.Conv2D) and len(producer._outbound_nodes) == 1:
+                pairs[producer.name] = layer
+    return pairs
+
+
+class _Folded(keras.layers.Layer):
+    """Stands where a folded BatchNorm was; takes the BatchNorm's call arguments."""
+
+    def call(self, inputs, training=None, mask=None):
+        return inputs
+
+
+def fold_batchnorm(model: keras.Model) -> keras.Model:
+    """A copy of `model` with each BatchNorm folded into the convolution before it.
+
+    In inference BatchNorm is `gamma * (y - mean) / sqrt(var + eps) + beta`,
+    an affine map per channel, so with `s = gamma / sqrt(var + eps)` the conv
+    `y = W x + b` followed by it equals the conv `W' = W * s`,
+    `b' = (b - mean) * s + beta`. The copy replaces those BatchNorm layers by
+    identities; it is for inference only (do not train it).
+
+    Args:
+      model: a functional model (nested functional models are folded too).
+
+    Returns:
+      The folded model; `model` is left unchanged.
+    """
+    pairs = _conv_bn_pairs(model)
+    folded_bns = {bn.name for bn in pairs.values()}
+
+    def clone(layer):
+        config = layer.get_config()
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.name in folded_bns:
+            return _Folded(name=layer.name)
+        if isinstance(layer, keras.layers.Conv2D) and layer.name in pairs:
+            config["use_bias"] = True
+        return layer.__class__.from_config(config)
+
+    folded = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    originals = {layer.name: layer for layer in _all_layers(model)}
+    for layer in _all_layers(folded):
+        if isinstance(layer, keras.Model) or not layer.weights:
+            continue
+        source = originals[layer.name]
+        if layer.name not in pairs:
+            layer.set_weights(source.get_weights())
+            continue
+        bn = pairs[layer.name]
+        # float64 so that folding adds no rounding of its own.
+        kernel = np.asarray(source.kernel, np.float64)
+        bias = np.asarray(source.bias, np.float64) if source.use_bias else 0.0
+        gamma = np.asarray(bn.gamma, np.float64) if bn.scale else 1.0
+        beta = np.asarray(bn.beta, np.float64) if bn.center else 0.0
+        mean = np.asarray(bn.moving_mean, np.float64)
+        scale = gamma / np.sqrt(np.asarray(bn.moving_variance, np.float64) + bn.epsilon)
+        layer.set_weights(
+            [(kernel * scale).astype(np.float32), ((bias - mean) * scale + beta).astype(np.float32)]
+        )
+    return folded
+
+
 # ----------------------------------------------------------------- module ---
 
 
@@ -400,6 +475,7 @@ def export(
     class_names=None,
     palette=None,
     warmup: bool = True,
+    fold_bn: bool = False,
 ) -> str:
     """Writes the model as a TF Serving SavedModel in `export_dir_base/VERSION`.
 
@@ -417,6 +493,8 @@ def export(
       class_names: override of the class names (default: the dataset's).
       palette: override of the palette (default: the dataset's).
       warmup: write `assets.extra/tf_serving_warmup_requests`.
+      fold_bn: fold BatchNorm into the convolutions (`fold_batchnorm`);
+        logits change only by float rounding (~1e-6 relative).
 
     Returns:
       The version directory written.
@@ -448,6 +526,8 @@ def export(
             f.write("".join(f"{r} {g} {b}\n" for r, g, b in colours.tolist()))
         with open(asset_paths[CONFIG_ASSET], "w") as f:
             f.write(config_lib.to_json(config))
+        if fold_bn:
+            model = fold_batchnorm(logits_model(model))
         server = SegmentationServer(config, model, max_pixels=max_pixels, asset_paths=asset_paths)
         tf.saved_model.save(server, staging, signatures=server.signatures())
     if warmup:

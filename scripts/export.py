@@ -23,6 +23,7 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("version", None, "Version number (default: the next free integer).")
 flags.DEFINE_integer("max_pixels", export_lib.DEFAULT_MAX_PIXELS, "Largest height*width accepted.")
+flags.DEFINE_bool("fold_batchnorm", False, "Fold BatchNorm into the convolutions (inference only).")
 flags.DEFINE_multi_string("override", [], "Config overrides key=value, e.g. data.eval_target=1024,512.")
 flags.mark_flags_as_mutual_exclusive(["workdir", "checkpoint"], required=True)
 
@@ -37,7 +38,12 @@ def main(argv):
     restored = restore_model(model, FLAGS.workdir or FLAGS.checkpoint)
     logging.info("restored %s", restored)
     path = export_lib.export(
-        config, model, FLAGS.export_dir, version=FLAGS.version, max_pixels=FLAGS.max_pixels
+        config,
+        model,
+        FLAGS.export_dir,
+        version=FLAGS.version,
+        max_pixels=FLAGS.max_pixels,
+        fold_bn=FLAGS.fold_batchnorm,
     )
     print(f"exported {config.name} ({restored}) to {path}")
 

@@ -364,3 +364,39 @@ def test_export_script_from_workdir(exported, tmp_path):
     ours = tf.saved_model.load(version_2).signatures["predict_images_with_logits"](images=image)
     theirs = tf.saved_model.load(path).signatures["predict_images_with_logits"](images=image)
     np.testing.assert_array_equal(ours["logits"], theirs["logits"])
+
+
+def test_fold_batchnorm_keeps_outputs():
+    config = tiny_config()
+    keras.utils.set_random_seed(1)
+    model = build_fcn(config.model, sync_bn=False)
+    rng = np.random.default_rng(0)
+    # Trained-looking statistics, so that folding has something to fold.
+    for layer in export_lib._all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, n),
+                    rng.normal(0, 0.1, n),
+                    rng.normal(0, 0.1, n),
+                    rng.uniform(0.5, 2, n),
+                ]
+            )
+    plain = export_lib.logits_model(model)
+    folded = export_lib.fold_batchnorm(plain)
+    n_bn = sum(isinstance(layer, keras.layers.BatchNormalization) for layer in export_lib._all_layers(plain))
+    assert n_bn == len(export_lib._conv_bn_pairs(plain)) > 0
+    assert not any(
+        isinstance(layer, keras.layers.BatchNormalization) for layer in export_lib._all_layers(folded)
+    )
+    x = tf.random.stateless_normal([2, 40, 56, 3], seed=[1, 2])
+    expected = plain(x, training=False).numpy()
+    actual = folded(x, training=False).numpy()
+    assert_logits_close(actual, expected)
+    np.testing.assert_array_equal(actual.argmax(-1), expected.argmax(-1))
+    # The serving graph takes the folded model as it is.
+    server = export_lib.SegmentationServer(config, folded, max_pixels=MAX_PIXELS)
+    image = random_image(14, 40, 56)
+    out = server.predict_images_with_logits(tf.constant(image[np.newaxis]))
+    assert_logits_close(out["logits"][0].numpy(), reference_logits(model, config, image))

@@ -395,7 +395,13 @@ def _train_locked(
             )
         dist_dataset = strategy.distribute_datasets_from_function(dataset_fn)
         iterator = iter(dist_dataset)
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, iterator=iterator)
+        # Keras keeps dropout's random state in SeedGenerator variables that
+        # tf.train.Checkpoint does not reach through the model: saved explicitly,
+        # or a resumed run would draw other dropout masks than an uninterrupted one.
+        rng_states = {f"s{i}": v.value for i, v in enumerate(_seed_states(model))}
+        checkpoint = tf.train.Checkpoint(
+            model=model, optimizer=optimizer, step=step, iterator=iterator, rng=rng_states
+        )
         chief_dir = checkpoints.checkpoint_dir(workdir)
         if chief:
             save_dir = chief_dir
@@ -436,6 +442,15 @@ def _train_locked(
             signal.signal(signal.SIGTERM, previous_sigterm)
         if tmp_dir:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _seed_states(model: keras.Model) -> list:
+    """The model's random-state variables (dropout SeedGenerators), in layer order.
+
+    Layer order, not names: Keras numbers SeedGenerators per process, so the
+    names differ between processes that built other models first.
+    """
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
 
 class _PreemptionExit(Exception):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -187,3 +188,63 @@ def test_two_logical_cpus_equal_one(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout
+
+
+_WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    index, ports = int(sys.argv[1]), sys.argv[2:]
+    os.environ["TF_CONFIG"] = json.dumps(
+        {{"cluster": {{"worker": [f"127.0.0.1:{{p}}" for p in ports]}}, "task": {{"type": "worker", "index": index}}}}
+    )
+    import numpy as np
+    import tensorflow as tf
+
+    sys.path.insert(0, {tests!r})
+    from test_eval_lib import as_dataset, config_for, examples, expected_matrix, tiny_model
+    from fcn_tf import eval_lib
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    items = examples(5)  # sharded 3 + 2: the workers run out of data at different steps
+    for overrides in [(), ("eval.mode=slide", "eval.crop_size=6,6", "eval.stride=4,4", "eval.flip=true")]:
+        config = config_for(*overrides)
+        reference = tiny_model(5)
+        with strategy.scope():
+            model = tiny_model(5)
+        model.set_weights(reference.get_weights())
+        result = eval_lib.evaluate(model, as_dataset(items), config, strategy=strategy)
+        np.testing.assert_array_equal(result["confusion_matrix"], expected_matrix(reference, items, config))
+        assert result["num_examples"] == 5, result["num_examples"]
+    print("WORKER", index, "OK")
+    """
+)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_workers_on_loopback_equal_one_device(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER.format(tests=os.path.dirname(__file__)))
+    ports = [str(_free_port()), str(_free_port())]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    workers = [
+        subprocess.Popen([sys.executable, str(script), str(i), *ports], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = []
+    try:
+        for worker in workers:
+            outputs.append(worker.communicate(timeout=600))
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    for i, (worker, (stdout, stderr)) in enumerate(zip(workers, outputs, strict=True)):
+        assert worker.returncode == 0, stderr[-3000:]
+        assert f"WORKER {i} OK" in stdout

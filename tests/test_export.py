@@ -400,3 +400,53 @@ def test_fold_batchnorm_keeps_outputs():
     image = random_image(14, 40, 56)
     out = server.predict_images_with_logits(tf.constant(image[np.newaxis]))
     assert_logits_close(out["logits"][0].numpy(), reference_logits(model, config, image))
+
+
+def test_grpc_client_example_against_a_local_prediction_service(loaded):
+    """The README's gRPC client, against a stand-in PredictionService serving the loaded export.
+
+    No TF Serving binary can run here; the stand-in checks that the example's
+    request (model spec, `images` input, output_filter) and its reading of
+    the response fit the exported signature.
+    """
+    from concurrent import futures
+
+    import grpc
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    class Service(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def Predict(self, request, context):
+            assert request.model_spec.name == NAME
+            inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+            outputs = loaded.signatures[request.model_spec.signature_name](**inputs)
+            keep = set(request.output_filter) or set(outputs)
+            response = predict_pb2.PredictResponse()
+            for key in keep:
+                response.outputs[key].CopyFrom(tf.make_tensor_proto(outputs[key].numpy()))
+            return response
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Service(), server)
+    port = server.add_insecure_port("localhost:0")
+    server.start()
+    try:
+        jpeg = tf.io.encode_jpeg(random_image(15, 30, 42)).numpy()
+        # --- the README example, verbatim apart from the port and the bytes ---
+        channel = grpc.insecure_channel(f"localhost:{port}")
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "fcn"
+        request.model_spec.signature_name = "serving_default"
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto([jpeg]))
+        request.output_filter.extend(["labels", "heights", "widths"])
+        response = stub.Predict(request, timeout=60.0)
+        h = tf.make_ndarray(response.outputs["heights"])[0]
+        w = tf.make_ndarray(response.outputs["widths"])[0]
+        labels = tf.make_ndarray(response.outputs["labels"])[0, :h, :w]
+        # ---
+        assert set(response.outputs) == {"labels", "heights", "widths"}
+        expected = loaded.signatures["serving_default"](images=tf.constant([jpeg]))["labels"][0]
+        np.testing.assert_array_equal(labels, expected)
+        channel.close()
+    finally:
+        server.stop(None)

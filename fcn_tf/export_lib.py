@@ -34,7 +34,9 @@ Bad input fails the request with `InvalidArgumentError` and a message naming
 the image's index: empty bytes, bytes that are not an image, an image with
 no pixels, or one with more than `max_pixels` pixels. JPEG and PNG sizes are
 read from the file header before decoding, so an oversized image is
-rejected without allocating it.
+rejected without allocating it. `max_pixels` also bounds memory: the logits
+are resized to the original size, H * W * num_classes floats per image
+(images of a batch are processed one after the other).
 
 Assets: `assets/labels.txt` (one class name per line, line i = class i),
 `assets/palette.txt` ("R G B" per line, same order) and
@@ -345,10 +347,13 @@ class SegmentationServer(tf.Module):
             )
 
         # Sizes differ within a batch: one image per iteration, results
-        # gathered as ragged tensors and padded at the end.
+        # gathered as ragged tensors and padded at the end. One iteration at
+        # a time bounds memory (full-size logits are H*W*C floats per image);
+        # the convolutions still use every core.
         labels, confidence, heights, widths = tf.map_fn(
             one,
             (images, tf.range(tf.shape(images)[0])),
+            parallel_iterations=1,
             fn_output_signature=(
                 tf.RaggedTensorSpec([None, None], tf.int32, ragged_rank=1),
                 tf.RaggedTensorSpec([None, None], tf.float32, ragged_rank=1),

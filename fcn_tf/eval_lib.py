@@ -233,7 +233,7 @@ def evaluate(
     label_ids = cityscapes_label_ids() if save and config.data.dataset == "cityscapes" else None
 
     matrix = ConfusionMatrix(num_classes, config.data.ignore_label)
-    examples, steps, start = 0, 0, time.perf_counter()
+    examples, steps, saved, start = 0, 0, 0, time.perf_counter()
     for batch in dist_dataset:
         outputs = step(batch)
         matrix.add_counts(outputs[0].numpy())
@@ -244,15 +244,11 @@ def evaluate(
             predictions = strategy.experimental_local_results(outputs[2])
             image_ids = strategy.experimental_local_results(outputs[3])
             for prediction, ids in zip(predictions, image_ids, strict=True):
-                for i, image_id in enumerate(ids.numpy()):
+                for prediction_i, image_id in zip(prediction.numpy(), ids.numpy(), strict=True):
                     save_prediction(
-                        prediction[i].numpy(),
-                        image_id.decode(),
-                        save_predictions_dir,
-                        palette,
-                        label_ids,
-                        index=examples,
+                        prediction_i, image_id.decode(), save_predictions_dir, palette, label_ids, index=saved
                     )
+                    saved += 1
         if log_every and steps % log_every == 0:
             logging.info("eval: %d examples, running mIoU %.4f", examples, matrix.result()["miou"])
     seconds = time.perf_counter() - start

@@ -17,7 +17,6 @@ one `RESULT {...}` line that the parent parses. The PyTorch side
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import resource
@@ -233,17 +232,14 @@ def random_batch(batch: int, size: Sequence[int], num_classes: int, seed: int = 
 
 
 def logits_model(model):
-    """The segmenter reduced to its main path: image -> "logits" only.
+    """The segmenter reduced to its main path (`fcn_tf.export_lib.logits_model`).
 
-    Keras prunes the auxiliary head from this functional graph, so inference
+    Keras prunes the auxiliary head from that functional graph, so inference
     does not pay for a head whose output it drops.
     """
-    import keras
+    from fcn_tf.export_lib import logits_model as main_path
 
-    outputs = model.output
-    return keras.Model(
-        model.input, outputs["logits"] if isinstance(outputs, dict) else outputs, name=model.name
-    )
+    return main_path(model)
 
 
 def inference_fn(model, jit_compile: bool = False) -> Callable:
@@ -263,92 +259,11 @@ def inference_fn(model, jit_compile: bool = False) -> Callable:
     return tf.function(forward, jit_compile=jit_compile, reduce_retracing=True)
 
 
-def _walk_layers(model):
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from _walk_layers(layer)
-
-
-def _producer(layer):
-    """The layer whose output is the (single) input of `layer`, in a functional graph."""
-    tensor = layer._inbound_nodes[0].input_tensors[0]
-    return tensor._keras_history[0]
-
-
-@functools.cache
-def _folded_batch_norm_class():
-    # Defined lazily: this module must import without TensorFlow (the torch child uses it).
-    import keras
-
-    class FoldedBatchNorm(keras.layers.Layer):
-        """Identity standing where a BatchNorm was (it accepts BN's call arguments)."""
-
-        def call(self, inputs, training=None, mask=None):
-            return inputs
-
-        def compute_output_shape(self, input_shape):
-            return input_shape
-
-    return FoldedBatchNorm
-
-
 def fold_batch_norms(model):
-    """A copy of `model` for inference with every Conv2D -> BatchNorm pair folded into one conv.
+    """`fcn_tf.export_lib.fold_batchnorm`: BatchNorm folded into the preceding convs (inference only)."""
+    from fcn_tf.export_lib import fold_batchnorm
 
-    For BN(y) = gamma * (y - mean) / sqrt(var + eps) + beta on y = conv(x, W) + b,
-    the folded conv has W' = W * s and b' = (b - mean) * s + beta with
-    s = gamma / sqrt(var + eps) per output channel: one pass over the feature
-    map less per conv, and the bias-add fuses into the conv on CPU. Inference
-    mode only (the moving statistics are baked in); outputs agree with the
-    original to float32 rounding (~1e-6 relative), not bit for bit.
-
-    Args:
-      model: a built functional model (nested functional models included)
-        whose BatchNormalization layers directly follow a Conv2D.
-
-    Returns:
-      A new keras.Model with the same input and outputs, the BN layers
-      replaced by identities.
-    """
-    import keras
-    import numpy as np
-
-    bn_to_conv = {}
-    for layer in _walk_layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            conv = _producer(layer)
-            if isinstance(conv, keras.layers.Conv2D) and len(conv._outbound_nodes) == 1:
-                bn_to_conv[layer.name] = conv.name
-    folded_convs = set(bn_to_conv.values())
-
-    def clone(layer):
-        config = layer.get_config()
-        if layer.name in bn_to_conv:
-            return _folded_batch_norm_class()(name=layer.name)
-        if layer.name in folded_convs:
-            config["use_bias"] = True
-        return layer.__class__.from_config(config)
-
-    new = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    old_layers = {layer.name: layer for layer in _walk_layers(model)}
-    new_layers = {layer.name: layer for layer in _walk_layers(new)}
-    for name, layer in new_layers.items():
-        old = old_layers[name]
-        if name in folded_convs or name in bn_to_conv or hasattr(layer, "layers"):
-            continue  # folded below; nested models get their leaves' weights
-        if old.weights:
-            layer.set_weights(old.get_weights())
-    for bn_name, conv_name in bn_to_conv.items():
-        bn, conv = old_layers[bn_name], old_layers[conv_name]
-        kernel = np.asarray(conv.kernel)
-        bias = np.asarray(conv.bias) if conv.use_bias else np.zeros(kernel.shape[-1], kernel.dtype)
-        gamma = np.asarray(bn.gamma) if bn.scale else np.ones_like(bias)
-        beta = np.asarray(bn.beta) if bn.center else np.zeros_like(bias)
-        mean, var = np.asarray(bn.moving_mean), np.asarray(bn.moving_variance)
-        scale = gamma / np.sqrt(var + bn.epsilon)
-        new_layers[conv_name].set_weights([kernel * scale, (bias - mean) * scale + beta])
-    return new
+    return fold_batchnorm(model)
 
 
 def graph_flops(fn: Callable, input_spec) -> int:

@@ -26,7 +26,15 @@ setup(
         # TF Serving warm-up records for the export.
         "serving": ["tensorflow-serving-api==2.21.*"],
         # Side-by-side benchmarks against torchvision's FCN.
-        "bench": ["torch", "torchvision", "psutil"],
+        # Pinned to the releases that install here without a download (pip's local
+        # files): an unpinned torch resolves to a multi-GB CUDA build.
+        "bench": [
+            "torch==2.14.1; platform_machine == 'x86_64'",
+            "torchvision==0.29.1; platform_machine == 'x86_64'",
+            "torch==2.9.1; platform_machine == 'aarch64'",
+            "torchvision==0.24.1; platform_machine == 'aarch64'",
+            "psutil",
+        ],
         "test": ["pytest", "safetensors", "tensorflow-serving-api==2.21.*", "ruff", "psutil"],
     },
 )

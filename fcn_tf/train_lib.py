@@ -413,7 +413,14 @@ def _train_locked(
 
         latest = tf.train.latest_checkpoint(chief_dir)
         if latest:
-            checkpoint.restore(latest).assert_existing_objects_matched()
+            try:
+                checkpoint.restore(latest).assert_existing_objects_matched()
+            except (tf.errors.OpError, AssertionError) as e:
+                raise RuntimeError(
+                    f"cannot resume from {latest}: {e}\n  The workdir was written by a different model or "
+                    f"input pipeline (compare {os.path.join(workdir, CONFIG_FILE)} with this run's config), "
+                    "or use a new --workdir."
+                ) from e
             logging.info("Resumed from %s (step %d)", latest, int(step.numpy()))
         elif config.model.pretrained_backbone and not from_scratch:
             path = load_pretrained(model, config)

@@ -37,11 +37,13 @@ class Predictor:
         `serving_default` outputs (`labels`, `confidence`, `heights`, `widths`).
       class_names: one name per class.
       palette: uint8 (num_classes, 3).
+      owner: the object holding the variables `serve` reads (kept alive).
     """
 
     serve: Callable
     class_names: list[str]
     palette: np.ndarray
+    owner: object = None
 
     @classmethod
     def load(cls, export_dir: str) -> Predictor:
@@ -50,7 +52,7 @@ class Predictor:
         loaded = tf.saved_model.load(saved_model_dir)
         signature = loaded.signatures[export_lib.SERVING_DEFAULT]
         names, palette = export_lib.read_class_info(saved_model_dir)
-        return cls(lambda images: signature(images=images), names, palette)
+        return cls(lambda images: signature(images=images), names, palette, owner=loaded)
 
     @classmethod
     def from_checkpoint(cls, config, checkpoint: str, max_pixels: int = export_lib.DEFAULT_MAX_PIXELS):
@@ -69,7 +71,7 @@ class Predictor:
         restore_model(model, checkpoint)
         server = export_lib.SegmentationServer(config, model, max_pixels=max_pixels)
         names, palette = export_lib.class_info(config)
-        return cls(server.serve, names, palette)
+        return cls(server.serve, names, palette, owner=server)
 
     def segment(self, contents: bytes) -> tuple[np.ndarray, np.ndarray]:
         """Segments one encoded image.
@@ -167,7 +169,7 @@ def predict_files(
             for out_path, picture in zip(outputs, pictures):
                 tf.io.write_file(out_path, tf.io.encode_png(picture))
         except (OSError, tf.errors.OpError) as e:
-            reason = error_reason(e).replace("images[0]", "image")
+            reason = error_reason(e).replace("images[0]", "the file")
             results.append(FileResult(path, [], error=reason))
             log(f"FAILED {path}: {reason}")
             continue

@@ -100,6 +100,17 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
 
 
 def task_id(strategy: tf.distribute.Strategy) -> int:
-    """This worker's index in its cluster (0 without a cluster)."""
+    """This task's index within its task type (0 without a cluster)."""
     resolver = getattr(strategy, "cluster_resolver", None)
     return int(resolver.task_id or 0) if resolver is not None else 0
+
+
+def worker_index(strategy: tf.distribute.Strategy) -> int:
+    """This worker's position among all workers, chief first (tf.distribute's input pipeline id)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return 0
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    if resolver.task_type == "chief":
+        return 0
+    return task_id(strategy) + (1 if has_chief else 0)

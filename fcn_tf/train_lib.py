@@ -3,8 +3,9 @@
 `train(config, workdir)` runs the whole job on whatever `make_strategy`
 returns (default, mirrored over GPUs/CPUs, or multi-worker):
 
-* `distribute_datasets_from_function` feeds each replica its own shard of
-  the global batch; the `tf.function` step runs the model with
+* each worker reads its shard of the data through a plain, checkpointable
+  tf.data iterator (`make_train_iterator`) and hands every local replica
+  its own per-replica batch; the `tf.function` step runs the model with
   `strategy.run`, divides every replica's cross-entropy SUM by the GLOBAL
   number of valid pixels and all-reduces (sums) the gradients, so N replicas
   x b images make exactly the update of 1 replica x N*b images (with
@@ -160,6 +161,42 @@ def _default_image_dataset(config: ExperimentConfig) -> tf.data.Dataset:
 # --------------------------------------------------------------------------- step
 
 
+def _local_replicas(strategy: tf.distribute.Strategy) -> tuple[int, int]:
+    """(replicas on this worker, global id of its first replica)."""
+    try:
+        local = len(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy: one replica, no devices list
+        local = 1
+    return local, distribute.worker_index(strategy) * local
+
+
+def make_train_iterator(strategy: tf.distribute.Strategy, dataset_fn: Callable) -> tf.data.Iterator:
+    """This worker's training iterator, feeding the step made by `make_train_step`.
+
+    `strategy.distribute_datasets_from_function` would do the same, but its
+    DistributedIterator cannot be saved in a tf.train.Checkpoint, and exact
+    resume needs the input position. So each worker builds its shard with an
+    InputContext (per-replica batch, sharded by worker) like tf.distribute
+    does, groups one batch per local replica, and iterates it with a plain,
+    checkpointable tf.data iterator; the step hands each replica its slice.
+
+    Args:
+      strategy: the training strategy.
+      dataset_fn: `input_context -> dataset` of per-replica (images, labels)
+        batches, e.g. `build_dataset(config.data, True, ctx)`.
+    """
+    local, _ = _local_replicas(strategy)
+    context = tf.distribute.InputContext(
+        num_input_pipelines=strategy.num_replicas_in_sync // local,
+        input_pipeline_id=distribute.worker_index(strategy),
+        num_replicas_in_sync=strategy.num_replicas_in_sync,
+    )
+    dataset = dataset_fn(context)
+    if local > 1:
+        dataset = dataset.batch(local, drop_remainder=True)
+    return iter(dataset.prefetch(tf.data.AUTOTUNE))
+
+
 def make_train_step(
     model: keras.Model,
     optimizer: keras.optimizers.Optimizer,
@@ -168,8 +205,8 @@ def make_train_step(
 ) -> Callable:
     """Builds the distributed train step `step(iterator) -> metrics`.
 
-    The returned `tf.function` takes one global batch from a distributed
-    iterator, runs the replica step on every replica and returns the global
+    The returned `tf.function` takes one step's batches from the iterator of
+    `make_train_iterator`, runs the replica step on every replica and returns the global
     metrics: "total", "main", "aux" (global per-pixel means) and "grad_norm"
     (norm of the summed, unscaled gradient, L2 term excluded).
 
@@ -222,8 +259,18 @@ def make_train_step(
         optimizer.apply(grads, variables)
         return totals, grad_norm
 
+    local_replicas, first_replica = _local_replicas(strategy)
+
     def step(iterator):
         images, labels = next(iterator)
+        if local_replicas > 1:
+            # (local_replicas, b, ...) -> replica r gets slice r, placed on its device.
+            def pick(batch):
+                return strategy.experimental_distribute_values_from_function(
+                    lambda ctx: batch[ctx.replica_id_in_sync_group - first_replica]
+                )
+
+            images, labels = pick(images), pick(labels)
         totals, grad_norm = strategy.run(replica_step, args=(images, labels))
         # Each replica holds its share of the global mean: summing gives it.
         metrics = {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in totals.items()}
@@ -393,8 +440,7 @@ def _train_locked(
                 name="step",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
-        dist_dataset = strategy.distribute_datasets_from_function(dataset_fn)
-        iterator = iter(dist_dataset)
+        iterator = make_train_iterator(strategy, dataset_fn)
         # Keras keeps dropout's random state in SeedGenerator variables that
         # tf.train.Checkpoint does not reach through the model: saved explicitly,
         # or a resumed run would draw other dropout masks than an uninterrupted one.
@@ -409,6 +455,7 @@ def _train_locked(
             # MWMS: every worker must take part in saving; only the chief's copy is kept.
             tmp_dir = tempfile.mkdtemp(prefix=f"fcn_tf_worker{distribute.task_id(strategy)}_")
             save_dir = tmp_dir
+            logging.info("Non-chief worker: checkpoints go to %s (removed at the end)", tmp_dir)
         manager = tf.train.CheckpointManager(checkpoint, save_dir, max_to_keep=t.keep_checkpoints)
 
         latest = tf.train.latest_checkpoint(chief_dir)

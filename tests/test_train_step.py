@@ -57,7 +57,7 @@ def run_steps(strategy, initial_weights, config, steps=2, bn=True):
     import tiny_models
 
     from fcn_tf.optimizers import build_optimizer
-    from fcn_tf.train_lib import make_train_step
+    from fcn_tf.train_lib import make_train_iterator, make_train_step
 
     keras.utils.set_random_seed(0)
     with strategy.scope():
@@ -68,7 +68,7 @@ def run_steps(strategy, initial_weights, config, steps=2, bn=True):
             config.optimizer, config.trainer.train_steps, config.trainer.precision, aggregate_gradients=False
         )
         optimizer.build(model.trainable_variables)
-    iterator = iter(strategy.distribute_datasets_from_function(_ordered_dataset_fn()))
+    iterator = make_train_iterator(strategy, _ordered_dataset_fn())
     step = make_train_step(model, optimizer, strategy, config)
     history = []
     for _ in range(steps):
@@ -91,6 +91,41 @@ def _compare(a, b):
         for k in x["weights"]:
             diffs[f"step{i}/{k}"] = float(np.max(np.abs(x["weights"][k] - y["weights"][k])))
     return diffs
+
+
+def _mirrored_resume_diffs(strategy, initial, config):
+    """3 steps straight vs 1 step, checkpoint (model, optimizer, iterator), fresh objects, 2 more steps."""
+    import tempfile
+
+    import tensorflow as tf
+    import tiny_models
+
+    from fcn_tf.optimizers import build_optimizer
+    from fcn_tf.train_lib import make_train_iterator, make_train_step
+
+    def fresh():
+        with strategy.scope():
+            model = tiny_models.tiny_segmenter(sync_bn=True)
+            model.set_weights(initial)
+            optimizer = build_optimizer(config.optimizer, 10, aggregate_gradients=False)
+            optimizer.build(model.trainable_variables)
+        # A shuffled stream: the restored iterator must continue at the same position.
+        iterator = make_train_iterator(strategy, tiny_models.dataset_fn(GLOBAL_BATCH))
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, iterator=iterator)
+        return model, iterator, checkpoint, make_train_step(model, optimizer, strategy, config)
+
+    model, iterator, _, step = fresh()
+    for _ in range(3):
+        step(iterator)
+    straight = {w.path: w.numpy() for w in model.weights}
+    model, iterator, checkpoint, step = fresh()
+    step(iterator)
+    prefix = checkpoint.save(os.path.join(tempfile.mkdtemp(), "ckpt"))
+    model, iterator, checkpoint, step = fresh()
+    checkpoint.restore(prefix).assert_consumed()
+    for _ in range(2):
+        step(iterator)
+    return {k: float(np.max(np.abs(straight[k] - w.numpy()))) for k, w in zip(straight, model.weights)}
 
 
 def _child():
@@ -122,6 +157,7 @@ def _child():
     nobn_initial = tiny_models.tiny_segmenter(bn=False).get_weights()
     _, full = run_steps(two, nobn_initial, config, bn=False)
     _, accum = run_steps(two, nobn_initial, _config(grad_accum_steps=2), bn=False)
+    resume = _mirrored_resume_diffs(two, initial, config)
     print(
         "RESULT "
         + json.dumps(
@@ -131,6 +167,7 @@ def _child():
                 "moved": moved,
                 "accum_diffs": _compare(full, accum),
                 "loss": single[0]["metrics"]["total"],
+                "resume_diffs": resume,
             }
         )
     )
@@ -167,6 +204,13 @@ def test_two_replicas_equal_one_replica_gradients(two_replica_results):
     grads = two_replica_results["grad_diffs"]
     worst = max(grads, key=grads.get)
     assert grads[worst] < 1e-5, (worst, grads[worst])
+
+
+def test_two_replica_resume_continues_exactly(two_replica_results):
+    diffs = two_replica_results["resume_diffs"]
+    assert len(diffs) > 5
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] == 0.0, (worst, diffs[worst])
 
 
 def test_gradient_accumulation_equals_full_batch(two_replica_results):

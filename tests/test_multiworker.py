@@ -1,0 +1,129 @@
+"""Two worker processes on 127.0.0.1 under MultiWorkerMirroredStrategy end with identical weights.
+
+Each worker runs this file with --worker: it builds the strategy from its
+TF_CONFIG, trains a few steps of a tiny synthetic_r18_os8 (synchronized
+BatchNorm, dataset sharded by input context) through `train_lib.train` on a
+shared workdir, and dumps its final weights. Only the chief locks the
+workdir, writes config/summaries and keeps checkpoints; the other worker
+saves to a temporary directory that is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import tiny_models  # noqa: E402
+
+STEPS = 4
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _worker(workdir, data_dir, out):
+    import tensorflow as tf
+
+    import experiments
+    from fcn_tf import distribute, train_lib
+    from fcn_tf.config import override
+
+    strategy = distribute.make_strategy("auto")
+    assert isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy), strategy
+    assert strategy.num_replicas_in_sync == 2
+    config = override(
+        experiments.get("synthetic_r18_os8"),
+        *tiny_models.TINY_OVERRIDES,
+        f"data.data_dir={data_dir}",
+        f"trainer.train_steps={STEPS}",
+        "trainer.deterministic=false",
+        "trainer.eval_max_examples=2",
+    )
+    holder = {}
+    result = train_lib.train(
+        config, workdir, strategy, model_fn=lambda c: holder.setdefault("model", _build(c))
+    )
+    weights = {w.path: w.numpy() for w in holder["model"].weights}
+    np.savez(out, **weights)
+    print(
+        "RESULT " + json.dumps({"step": result["step"], "chief": distribute.is_chief(strategy)}), flush=True
+    )
+
+
+def _build(config):
+    from fcn_tf.models import build_fcn
+
+    model = build_fcn(config.model)
+    # Synchronized BatchNorm across the two workers' replicas.
+    assert any(getattr(layer, "synchronized", False) for layer in model._flatten_layers())
+    return model
+
+
+@pytest.mark.slow
+def test_two_workers_train_to_identical_weights(tmp_path):
+    data_dir = tiny_models.make_synthetic_tfds(str(tmp_path / "data"))
+    workdir = str(tmp_path / "run")
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, "--worker", workdir, data_dir, str(tmp_path / f"w{index}.npz")],
+                env=tiny_models.subprocess_env(TF_CONFIG=tf_config),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=600)
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-5000:]
+    results = [
+        json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+        for out in outputs
+    ]
+    assert [r["chief"] for r in results] == [True, False]
+    assert all(r["step"] == STEPS for r in results)
+    w0, w1 = np.load(tmp_path / "w0.npz"), np.load(tmp_path / "w1.npz")
+    assert sorted(w0.files) == sorted(w1.files) and len(w0.files) > 20
+    initial_moved = False
+    for name in w0.files:
+        np.testing.assert_array_equal(w0[name], w1[name], err_msg=name)
+        initial_moved |= "moving_mean" in name and np.any(w0[name] != 0)
+    assert initial_moved  # BN statistics were updated, so training really ran
+    # Chief outputs only in the workdir; the other worker's temporary checkpoints are gone.
+    assert os.path.exists(os.path.join(workdir, "config.json"))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[0].startswith("checkpoint")
+    assert os.path.exists(os.path.join(workdir, "checkpoints", f"ckpt-{STEPS}.index"))
+    temp_dirs = re.findall(r"checkpoints go to (\S+) \(removed", outputs[1])
+    assert temp_dirs and not os.path.exists(temp_dirs[0])
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker(*sys.argv[sys.argv.index("--worker") + 1 :])

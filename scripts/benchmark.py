@@ -43,7 +43,15 @@ _ONEDNN = flags.DEFINE_enum(
 )
 _FLOPS = flags.DEFINE_bool("flops", True, "Count FLOPs per image.")
 _PEAK = flags.DEFINE_bool("matmul_peak", True, "Measure the numpy sgemm peak (the roofline).")
-flags.mark_flag_as_required("experiment")
+_INPUT_DATASET = flags.DEFINE_enum(
+    "input_dataset",
+    "",
+    ["", "voc", "cityscapes", "both"],
+    "--what=input: VOC-sized JPEGs, Cityscapes-sized PNGs or both (default: --experiment's dataset, else both).",
+)
+_IMAGES = flags.DEFINE_integer(
+    "images", 0, "--what=input: images per timed repeat (0: 192 VOC, 32 Cityscapes)."
+)
 
 
 def _size(config):
@@ -116,7 +124,12 @@ def _run_input(config):
     except ImportError:
         print("input pipeline benchmark: fcn_tf.benchmark.input is not available")
         return None
-    return input_bench.main(config)
+    return input_bench.main(
+        config,
+        input_dataset=_INPUT_DATASET.value or None,
+        images=_IMAGES.value or None,
+        repeats=_REPEATS.value,
+    )
 
 
 # What each --what runs; "all" runs them in this order.
@@ -129,7 +142,10 @@ MODES = {
 
 def main(argv):
     del argv
-    config = experiments.get(_EXPERIMENT.value)
+    if not _EXPERIMENT.value and _WHAT.value != "input":
+        sys.exit("error: --experiment is required (except for --what=input)")
+    # The input benchmark alone needs no experiment: it uses voc/cityscapes DataConfigs.
+    config = experiments.get(_EXPERIMENT.value) if _EXPERIMENT.value else None
     print(
         f"{platform.node()} {platform.processor() or platform.machine()}, python {platform.python_version()}"
     )

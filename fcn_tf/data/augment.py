@@ -114,7 +114,9 @@ def nearest_indices(src_size, dst_size, start=0, length=None) -> tf.Tensor:
     if length is None:
         length = dst_size - start
     x = tf.cast(tf.range(length) + start, tf.float64)
-    ratio = tf.cast(src_size, tf.float64) / tf.cast(dst_size, tf.float64)
+    # OpenCV computes the step as 1 / (dst / src) in double; so do we, to
+    # round exactly as it does.
+    ratio = 1.0 / (tf.cast(dst_size, tf.float64) / tf.cast(src_size, tf.float64))
     idx = tf.cast(tf.floor(x * ratio), tf.int32)
     return tf.minimum(idx, tf.cast(src_size, tf.int32) - 1)
 
@@ -132,9 +134,24 @@ def resize_label(label: tf.Tensor, size) -> tf.Tensor:
       (new_h, new_w) label of the same dtype.
     """
     shape = tf.shape(label)
-    rows = nearest_indices(shape[0], size[0])
-    cols = nearest_indices(shape[1], size[1])
-    return tf.gather(tf.gather(label, rows, axis=0), cols, axis=1)
+    return gather_2d(label, nearest_indices(shape[0], size[0]), nearest_indices(shape[1], size[1]))
+
+
+def gather_2d(label, rows, cols, transposed=False):
+    """`label[rows][:, cols]`, fast: both gathers pick whole rows.
+
+    A gather along axis 1 copies one element at a time; transposing in
+    between makes both gathers row copies (~4x faster for 512x512 uint8).
+
+    Args:
+      label: (H, W) tensor.
+      rows: int32 row indices.
+      cols: int32 column indices.
+      transposed: return the result transposed (saves the last transpose
+        when only label statistics are needed).
+    """
+    picked = tf.gather(tf.transpose(tf.gather(label, rows)), cols)
+    return picked if transposed else tf.transpose(picked)
 
 
 def random_resize(image, label, seed, scale_target: Size, ratio_range: Sequence[float]):
@@ -318,13 +335,21 @@ def random_resize_crop(
     h, w = shape[0], shape[1]
     new_h, new_w = sample_resize_size(h, w, resize_seed, scale_target, ratio_range)
 
-    def label_crop(oy, ox, ch, cw):
+    def label_crop(oy, ox, ch, cw, transposed=False):
         rows = nearest_indices(h, new_h, oy, ch)
         cols = nearest_indices(w, new_w, ox, cw)
-        return tf.gather(tf.gather(label, rows, axis=0), cols, axis=1)
+        return gather_2d(label, rows, cols, transposed)
 
+    # The crop rule only counts pixels: the transposed crop will do.
     oy, ox, ch, cw = choose_crop(
-        new_h, new_w, crop_size, crop_seed, label_crop, cat_max_ratio, crop_tries, ignore_label
+        new_h,
+        new_w,
+        crop_size,
+        crop_seed,
+        lambda *a: label_crop(*a, transposed=True),
+        cat_max_ratio,
+        crop_tries,
+        ignore_label,
     )
     scale = tf.stack(
         [
@@ -458,9 +483,14 @@ def normalize(image, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
       mean: three channel means.
       std: three channel standard deviations.
     """
-    mean = tf.constant(mean, tf.float32)
-    std = tf.constant(std, tf.float32)
-    return (tf.cast(image, tf.float32) - mean) / std
+    image = tf.cast(image, tf.float32)
+    shape = tf.shape(image)
+    # Broadcasting along a last axis of size 3 is ~10x slower in Eigen than
+    # along rows: normalize (..., w * 3) rows with the statistics tiled w times.
+    mean_row = tf.tile(tf.constant(mean, tf.float32), shape[-2:-1])
+    scale_row = tf.tile(1.0 / tf.constant(std, tf.float32), shape[-2:-1])
+    rows = tf.reshape(image, tf.concat([shape[:-2], [-1]], 0))
+    return tf.reshape((rows - mean_row) * scale_row, shape)
 
 
 def pad_to_size(image, label, size: Size, ignore_label: int):

@@ -64,8 +64,8 @@ def py_keep_ratio_size(h, w, target):
 def cv2_nearest(label, size):
     # OpenCV INTER_NEAREST: src = min(floor(dst * src / dst_size), src - 1).
     h, w = label.shape
-    rows = np.minimum(np.floor(np.arange(size[0]) * (h / size[0])).astype(int), h - 1)
-    cols = np.minimum(np.floor(np.arange(size[1]) * (w / size[1])).astype(int), w - 1)
+    rows = np.minimum(np.floor(np.arange(size[0]) * (1.0 / (size[0] / h))).astype(int), h - 1)
+    cols = np.minimum(np.floor(np.arange(size[1]) * (1.0 / (size[1] / w))).astype(int), w - 1)
     return label[rows][:, cols]
 
 

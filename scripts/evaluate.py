@@ -44,8 +44,29 @@ _STRATEGY = flags.DEFINE_string(
 )
 
 
-def resolve_config(name: str, workdir: str | None, overrides: list[str]) -> config_lib.ExperimentConfig:
-    """The experiment (or the workdir's resolved config of it) with overrides and eval flags applied."""
+def resolve_config(
+    name: str,
+    workdir: str | None = None,
+    overrides: list[str] = (),
+    mode: str | None = None,
+    scales: list[str] | None = None,
+    flip: bool | None = None,
+    data_dir: str | None = None,
+) -> config_lib.ExperimentConfig:
+    """The experiment to evaluate.
+
+    Args:
+      name: registered experiment name.
+      workdir: when it holds the `config.json` training wrote, that resolved
+        config is used (it must be of experiment `name`).
+      overrides: "key=value" config overrides, applied next.
+      mode, scales, flip, data_dir: the eval flags, applied last when given.
+
+    Raises:
+      KeyError: unknown experiment (the message lists the valid ones).
+      ValueError: the workdir's config is of another experiment, or a bad
+        override (`ConfigError`).
+    """
     config = experiments.get(name)
     saved = os.path.join(workdir, "config.json") if workdir else None
     if saved and os.path.isfile(saved):
@@ -55,14 +76,14 @@ def resolve_config(name: str, workdir: str | None, overrides: list[str]) -> conf
             raise ValueError(f"{workdir} was trained with experiment {config.name!r}, not {name!r}")
         logging.info("Using the training config %s", saved)
     flag_overrides = []
-    if _MODE.value:
-        flag_overrides.append(f"eval.mode={_MODE.value}")
-    if _SCALES.value:
-        flag_overrides.append(f"eval.scales={','.join(_SCALES.value)}")
-    if _FLIP.value is not None:
-        flag_overrides.append(f"eval.flip={_FLIP.value}")
-    if _DATA_DIR.value:
-        flag_overrides.append(f"data.data_dir={_DATA_DIR.value}")
+    if mode:
+        flag_overrides.append(f"eval.mode={mode}")
+    if scales:
+        flag_overrides.append(f"eval.scales={','.join(scales)}")
+    if flip is not None:
+        flag_overrides.append(f"eval.flip={flip}")
+    if data_dir:
+        flag_overrides.append(f"data.data_dir={data_dir}")
     return config_lib.validate(config_lib.override(config, *overrides, *flag_overrides))
 
 
@@ -71,7 +92,15 @@ def main(argv):
     if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
         sys.exit("error: give exactly one of --workdir or --checkpoint")
     try:
-        config = resolve_config(_EXPERIMENT.value, _WORKDIR.value, _OVERRIDE.value)
+        config = resolve_config(
+            _EXPERIMENT.value,
+            _WORKDIR.value,
+            _OVERRIDE.value,
+            mode=_MODE.value,
+            scales=_SCALES.value,
+            flip=_FLIP.value,
+            data_dir=_DATA_DIR.value,
+        )
     except KeyError as e:
         sys.exit(f"error: {e.args[0]}")
     except (config_lib.ConfigError, ValueError) as e:

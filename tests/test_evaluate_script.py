@@ -1,5 +1,6 @@
 """scripts/evaluate.py end to end: synthetic TFDS data, a saved checkpoint, all three inference modes."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import tensorflow as tf
 
 import experiments
 from fcn_tf import inference
-from fcn_tf.config import override
+from fcn_tf.config import ConfigError, override, to_json
 from fcn_tf.metrics import ConfusionMatrix
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,17 +22,24 @@ SCRIPT = os.path.join(REPO, "scripts", "evaluate.py")
 MODEL_OVERRIDES = ("model.head_channels=16", "model.aux_channels=16")
 MODES = {
     "whole": (),
-    "slide": ("--mode=slide",),
+    "slide": ("--mode=slide", "--override=eval.window_batch=2"),
     "multiscale_flip": ("--mode=slide", "--scales=0.75,1.0,1.25", "--flip"),
 }
 MODE_OVERRIDES = {
     "whole": (),
-    "slide": ("eval.mode=slide",),
+    "slide": ("eval.mode=slide", "eval.window_batch=2"),
     "multiscale_flip": ("eval.mode=slide", "eval.scales=0.75,1.0,1.25", "eval.flip=true"),
 }
 # Non-square images that the eval resize changes (80x120 -> 85x128), so the
 # logits must be resized back to the label size.
 HEIGHT, WIDTH, NUM_VAL = 80, 120, 3
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(*args, timeout=600):
@@ -55,6 +63,9 @@ def trained(tmp_path_factory):
     keras.utils.set_random_seed(0)
     model = build_fcn(config.model)
     tf.train.Checkpoint(model=model).save(str(workdir / "checkpoints" / "ckpt"))
+    # As training does: the resolved config beside the checkpoints (the script reads the
+    # small heads from it; no --override needed).
+    (workdir / "config.json").write_text(to_json(config))
     return config, model, str(data_dir), str(workdir)
 
 
@@ -80,7 +91,6 @@ def test_evaluate_script_modes(trained, mode, tmp_path):
         "--experiment=synthetic_r18_os8",
         f"--workdir={workdir}",
         f"--data_dir={data_dir}",
-        *[f"--override={o}" for o in MODEL_OVERRIDES],
         *MODES[mode],
         f"--output={output}",
         f"--save_predictions={predictions}",
@@ -121,3 +131,26 @@ def test_script_rejects_bad_arguments(tmp_path):
     assert proc.returncode != 0 and "exactly one of --workdir or --checkpoint" in proc.stderr
     proc = run_script("--experiment=synthetic_r18_os8", f"--workdir={tmp_path}", "--override=eval.nope=1")
     assert proc.returncode != 0 and "unknown config key 'eval.nope'" in proc.stderr
+
+
+def test_resolve_config_prefers_the_workdir_config_then_overrides_then_flags(tmp_path):
+    resolve_config = load_script().resolve_config
+    base = experiments.get("synthetic_r18_os8")
+    assert resolve_config("synthetic_r18_os8") == base
+    trained = override(base, *MODEL_OVERRIDES, "eval.flip=true")
+    (tmp_path / "config.json").write_text(to_json(trained))
+    config = resolve_config(
+        "synthetic_r18_os8", str(tmp_path), ["eval.window_batch=2", "eval.mode=whole"], mode="slide",
+        scales=["0.5", "1.0"], data_dir="/data",
+    )  # fmt: skip
+    assert config.model == trained.model  # the heads the checkpoint was trained with
+    assert config.eval.flip and config.eval.window_batch == 2
+    assert config.eval.mode == "slide" and config.eval.scales == (0.5, 1.0)  # flags win over --override
+    assert config.data.data_dir == "/data"
+    assert not resolve_config("synthetic_r18_os8", str(tmp_path), flip=False).eval.flip
+    with pytest.raises(
+        ValueError, match="trained with experiment 'synthetic_r18_os8', not 'synthetic_r50_os8'"
+    ):
+        resolve_config("synthetic_r50_os8", str(tmp_path))
+    with pytest.raises(ConfigError, match="eval.mode"):
+        resolve_config("synthetic_r18_os8", mode="tiles")

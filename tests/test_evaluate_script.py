@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -154,3 +155,28 @@ def test_resolve_config_prefers_the_workdir_config_then_overrides_then_flags(tmp
         resolve_config("synthetic_r50_os8", str(tmp_path))
     with pytest.raises(ConfigError, match="eval.mode"):
         resolve_config("synthetic_r18_os8", mode="tiles")
+
+
+@pytest.mark.slow
+def test_trained_workdir_evaluates_to_the_training_final_eval(trained, tmp_path):
+    """scripts/train.py for a few steps, then scripts/evaluate.py on its workdir: same mIoU."""
+    _, _, data_dir, _ = trained
+    workdir, output = tmp_path / "run", tmp_path / "eval.json"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    train = subprocess.run(
+        [
+            sys.executable, os.path.join(REPO, "scripts", "train.py"), "--experiment=synthetic_r18_os8",
+            f"--workdir={workdir}", f"--data_dir={data_dir}", "--strategy=default",
+            *[f"--override={o}" for o in (*MODEL_OVERRIDES, "trainer.train_steps=3", "data.global_batch_size=2",
+                                          "trainer.checkpoint_every=3", "data.shuffle_buffer=2")],
+        ],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-4000:]
+    reported = float(re.search(r"mIoU (\d\.\d+)", train.stdout).group(1))
+    proc = run_script("--experiment=synthetic_r18_os8", f"--workdir={workdir}", f"--output={output}",
+                      "--strategy=default")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(output.read_text())
+    assert results["checkpoint"].endswith("ckpt-3")
+    assert abs(results["miou"] - reported) < 5e-5, (results["miou"], reported)

@@ -294,8 +294,7 @@ def random_crop(
     return image[oy : oy + ch, ox : ox + cw], label[oy : oy + ch, ox : ox + cw]
 
 
-def random_resize_crop(
-    image,
+def plan_resize_crop(
     label,
     resize_seed,
     crop_seed,
@@ -305,20 +304,16 @@ def random_resize_crop(
     cat_max_ratio: float,
     crop_tries: int,
     ignore_label: int,
-):
-    """`random_resize` then `random_crop`, without resizing the whole image.
+) -> dict:
+    """Draws the random resize and crop from the label alone.
 
-    Same random draws, same label crop bit for bit (the nearest-neighbour
-    index maps are gathered for the crop window only), and the same image
-    crop up to float rounding (< 0.02 on the 0..255 scale): the image crop is
-    computed directly from the source by `ScaleAndTranslate` with a triangle
-    (bilinear) kernel, the resize scale and the crop offset as translation.
-    This avoids materializing the resized float image (up to 4096x2048x3
-    floats for Cityscapes) and converting the source to float first.
+    The same draws as `random_resize` then `random_crop` with these seeds;
+    the label crop is gathered through OpenCV's nearest-neighbour index maps
+    for the crop window only, bit for bit what cropping the fully resized
+    label gives.
 
     Args:
-      image: (H, W, 3) uint8 or float32.
-      label: (H, W) integer label.
+      label: (H, W) integer label (the image has the same size).
       resize_seed: seed of `random_resize`.
       crop_seed: seed of `random_crop`.
       scale_target: see `random_resize`.
@@ -329,7 +324,8 @@ def random_resize_crop(
       ignore_label: see `random_crop`.
 
     Returns:
-      (image float32, label) crops, as `random_crop(*random_resize(...))`.
+      dict with int32 "source_size" (H, W), "resized_size", "offset" and
+      "crop_size" (each shape [2]) and "label" (the label crop).
     """
     shape = tf.shape(label)
     h, w = shape[0], shape[1]
@@ -351,24 +347,120 @@ def random_resize_crop(
         crop_tries,
         ignore_label,
     )
-    scale = tf.stack(
-        [
-            tf.cast(new_h, tf.float32) / tf.cast(h, tf.float32),
-            tf.cast(new_w, tf.float32) / tf.cast(w, tf.float32),
-        ]
-    )
-    # Output pixel x samples the source at (x + 0.5 - translation) / scale - 0.5:
-    # translating by -offset gives pixel (offset + x) of the full resize.
-    translation = -tf.cast(tf.stack([oy, ox]), tf.float32)
-    image_crop = tf.raw_ops.ScaleAndTranslate(
-        images=image[tf.newaxis],
-        size=tf.stack([ch, cw]),
+    return {
+        "source_size": tf.stack([h, w]),
+        "resized_size": tf.stack([new_h, new_w]),
+        "offset": tf.stack([oy, ox]),
+        "crop_size": tf.stack([ch, cw]),
+        "label": label_crop(oy, ox, ch, cw),
+    }
+
+
+def source_window(plan: dict) -> tuple[tf.Tensor, tf.Tensor]:
+    """The part of the source image that the planned image crop reads.
+
+    Output pixel x of the crop samples the source at
+    `(offset + x + 0.5) * src / resized - 0.5` and reads its two neighbours;
+    the window keeps one spare pixel each side, so resampling the window
+    gives the same crop as resampling the whole image.
+
+    Args:
+      plan: from `plan_resize_crop`.
+
+    Returns:
+      (start, size): int32 [2] tensors (rows, columns) of the window.
+    """
+    src = tf.cast(plan["source_size"], tf.float64)
+    step = src / tf.cast(plan["resized_size"], tf.float64)
+    offset = tf.cast(plan["offset"], tf.float64)
+    first = (offset + 0.5) * step - 0.5
+    last = (offset + tf.cast(plan["crop_size"], tf.float64) - 0.5) * step - 0.5
+    start = tf.cast(tf.maximum(tf.floor(first) - 1.0, 0.0), tf.int32)
+    stop = tf.cast(tf.minimum(tf.floor(last) + 3.0, src), tf.int32)
+    return start, stop - start
+
+
+def resample_crop(window, window_start, plan: dict) -> tf.Tensor:
+    """The planned bilinear image crop, computed from a source window.
+
+    `ScaleAndTranslate` with a triangle (bilinear) kernel and no
+    antialiasing samples the window directly at the crop's pixels: the same
+    values as resizing the whole image with `resize_image` and cropping, up
+    to float rounding (< 0.02 on the 0..255 scale), without materializing
+    the resized image (up to 4096x2048x3 floats for Cityscapes).
+
+    Args:
+      window: (h, w, 3) uint8 or float32 part of the source image, e.g.
+        `image[start[0]:start[0]+size[0], start[1]:start[1]+size[1]]` with
+        `start, size = source_window(plan)`.
+      window_start: int32 [2], the window's first row and column.
+      plan: from `plan_resize_crop`.
+
+    Returns:
+      float32 (crop_h, crop_w, 3).
+    """
+    scale = tf.cast(plan["resized_size"], tf.float32) / tf.cast(plan["source_size"], tf.float32)
+    # ScaleAndTranslate samples its input at (x + 0.5 - translation) / scale - 0.5.
+    # We want source position (offset + x + 0.5) / scale - 0.5, i.e. window
+    # position that minus window_start.
+    translation = tf.cast(window_start, tf.float32) * scale - tf.cast(plan["offset"], tf.float32)
+    return tf.raw_ops.ScaleAndTranslate(
+        images=window[tf.newaxis],
+        size=plan["crop_size"],
         scale=scale,
         translation=translation,
         kernel_type="triangle",
         antialias=False,
     )[0]
-    return image_crop, label_crop(oy, ox, ch, cw)
+
+
+def random_resize_crop(
+    image,
+    label,
+    resize_seed,
+    crop_seed,
+    scale_target: Size,
+    ratio_range: Sequence[float],
+    crop_size: Size,
+    cat_max_ratio: float,
+    crop_tries: int,
+    ignore_label: int,
+):
+    """`random_resize` then `random_crop`, without resizing the whole image.
+
+    Same random draws, same label crop bit for bit, and the same image crop
+    up to float rounding: see `plan_resize_crop`, `source_window` and
+    `resample_crop`, which this chains.
+
+    Args:
+      image: (H, W, 3) uint8 or float32.
+      label: (H, W) integer label.
+      resize_seed: seed of `random_resize`.
+      crop_seed: seed of `random_crop`.
+      scale_target: see `random_resize`.
+      ratio_range: see `random_resize`.
+      crop_size: see `random_crop`.
+      cat_max_ratio: see `random_crop`.
+      crop_tries: see `random_crop`.
+      ignore_label: see `random_crop`.
+
+    Returns:
+      (image float32, label) crops, as `random_crop(*random_resize(...))`.
+    """
+    plan = plan_resize_crop(
+        label,
+        resize_seed,
+        crop_seed,
+        scale_target,
+        ratio_range,
+        crop_size,
+        cat_max_ratio,
+        crop_tries,
+        ignore_label,
+    )
+    start, size = source_window(plan)
+    window = tf.slice(image, tf.concat([start, [0]], 0), tf.concat([size, [-1]], 0))
+    return resample_crop(window, start, plan), plan["label"]
 
 
 # ------------------------------------------------------------------ flip ---
@@ -511,8 +603,15 @@ def pad_to_size(image, label, size: Size, ignore_label: int):
     shape = tf.shape(label)
     pad_h = size[0] - shape[0]
     pad_w = size[1] - shape[1]
-    image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]], constant_values=0)
-    label = tf.pad(label, [[0, pad_h], [0, pad_w]], constant_values=tf.cast(ignore_label, label.dtype))
+
+    def pad():
+        return (
+            tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]], constant_values=0),
+            tf.pad(label, [[0, pad_h], [0, pad_w]], constant_values=tf.cast(ignore_label, label.dtype)),
+        )
+
+    # Most crops are full size: skip the copy then.
+    image, label = tf.cond(tf.logical_or(pad_h > 0, pad_w > 0), pad, lambda: (image, label))
     image = tf.ensure_shape(image, [size[0], size[1], image.shape[-1]])
     label = tf.ensure_shape(label, [size[0], size[1]])
     return image, label
@@ -521,25 +620,28 @@ def pad_to_size(image, label, size: Size, ignore_label: int):
 # ------------------------------------------------------------ composites ---
 
 
-def train_transform(image, label, seed, data_config):
+def train_transform(image, label, seed, data_config, read_window=None):
     """The whole train augmentation of RECIPE.md for one example.
 
-    Resize + crop (fused, see `random_resize_crop`), flip, photometric
+    Resize + crop (planned on the label, then only the source window the
+    crop reads is resampled: see `plan_resize_crop`), flip, photometric
     distortion (if `data_config.photometric`), normalize, pad.
 
     Args:
-      image: (H, W, 3) uint8 (or float32 0..255) RGB.
+      image: (H, W, 3) uint8 (or float32 0..255) RGB; unused (may be None)
+        when `read_window` is given.
       label: (H, W) integer label.
       seed: stateless seed of this example, shape [2].
       data_config: a `fcn_tf.config.DataConfig`.
+      read_window: optional `(start, size) -> (size[0], size[1], 3) image
+        window`, e.g. a JPEG decoder that decodes only that window.
 
     Returns:
       (image float32 (crop_h, crop_w, 3) normalized, label int32 (crop_h, crop_w)).
     """
     c = data_config
     s = tf.random.experimental.stateless_split(seed, 4)
-    image, label = random_resize_crop(
-        image,
+    plan = plan_resize_crop(
         label,
         s[0],
         s[1],
@@ -550,6 +652,12 @@ def train_transform(image, label, seed, data_config):
         c.crop_tries,
         c.ignore_label,
     )
+    start, size = source_window(plan)
+    if read_window is None:
+        window = tf.slice(image, tf.concat([start, [0]], 0), tf.concat([size, [-1]], 0))
+    else:
+        window = read_window(start, size)
+    image, label = resample_crop(window, start, plan), plan["label"]
     image, label = random_flip(image, label, s[2], c.flip_prob)
     if c.photometric:
         image = photometric_distortion(image, s[3])

@@ -36,13 +36,38 @@ def decode_example(example: dict) -> tuple[tf.Tensor, tf.Tensor]:
         image = example["image"]
     else:
         image = tf.io.decode_image(example["image_bytes"], channels=3, expand_animations=False)
+    return tf.ensure_shape(image, [None, None, 3]), decode_label(example)
+
+
+def decode_label(example: dict) -> tf.Tensor:
+    """The uint8 (H, W) label of a source element ("label" or "label_bytes")."""
     if "label" in example:
         label = example["label"]
     else:
         label = tf.io.decode_png(example["label_bytes"], channels=1)[..., 0]
-    image = tf.ensure_shape(image, [None, None, 3])
-    label = tf.ensure_shape(label, [None, None])
-    return image, label
+    return tf.ensure_shape(label, [None, None])
+
+
+def window_reader(image_bytes):
+    """`(start, size) -> image window` that decodes only what the crop reads.
+
+    JPEGs are decoded window only (`decode_and_crop_jpeg`, the same pixels
+    as decoding everything and slicing); other formats are decoded whole and
+    sliced.
+    """
+
+    def read(start, size):
+        def jpeg():
+            window = tf.concat([start, size], 0)
+            return tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
+
+        def other():
+            image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+            return tf.slice(image, tf.concat([start, [0]], 0), tf.concat([size, [-1]], 0))
+
+        return tf.ensure_shape(tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other), [None, None, 3])
+
+    return read
 
 
 def _pipeline_ids(input_context) -> tuple[int, int]:
@@ -89,9 +114,15 @@ def build_dataset(data_config, training: bool, input_context=None, source: tf.da
         base_seed = tf.constant([c.seed, pipeline_id], tf.int64)
 
         def transform(index, example):
-            image, label = decode_example(example)
             seed = tf.random.experimental.stateless_fold_in(base_seed, index)
-            return augment.train_transform(image, label, seed, c)
+            label = decode_label(example)
+            if "image" in example:
+                return augment.train_transform(example["image"], label, seed, c)
+            # Encoded source: the crop is planned on the label, then only the
+            # image window it reads is decoded (JPEG) and resampled.
+            return augment.train_transform(
+                None, label, seed, c, read_window=window_reader(example["image_bytes"])
+            )
 
         ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(batch, drop_remainder=True)

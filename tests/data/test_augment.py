@@ -243,7 +243,12 @@ def test_random_crop_sizes_offsets_and_labels(run):
 
 
 @pytest.mark.parametrize(
-    "hw, target, crop", [((60, 80), (160, 40), (48, 48)), ((33, 90), (200, 100), (64, 32))]
+    "hw, target, crop",
+    [
+        ((60, 80), (160, 40), (48, 48)),
+        ((33, 90), (200, 100), (64, 32)),
+        ((100, 120), (600, 500), (48, 40)),  # 5x upscale: the source window is a small part
+    ],
 )
 def test_fused_resize_crop_equals_resize_then_crop(run, hw, target, crop):
     image, label = make_example(*hw)
@@ -262,6 +267,25 @@ def test_fused_resize_crop_equals_resize_then_crop(run, hw, target, crop):
         np.testing.assert_array_equal(got_label, ref_label)
         assert got_image.shape == ref_image.shape
         np.testing.assert_allclose(got_image, ref_image, atol=0.02)
+
+
+def test_source_window_covers_the_taps(run):
+    # 100x120 -> about 500x600: a 48x40 crop reads ~10x8 source pixels.
+    _, label = make_example(100, 120)
+
+    def fn(lab, s):
+        plan = augment.plan_resize_crop(lab, s, s + 1, (600, 500), (1.0, 1.0), (48, 40), 0.75, 10, IGNORE)
+        start, size = augment.source_window(plan)
+        return tf.concat([start, size, plan["offset"], plan["resized_size"]], 0)
+
+    for out in run.many(fn, [seed(i) for i in range(5)], label):
+        y0, x0, wh, ww, oy, ox, nh, nw = (int(v) for v in out)
+        assert wh < 20 and ww < 20
+        # Every sample position and its bottom/right neighbour is inside.
+        fy = (oy + np.arange(48) + 0.5) * 100 / nh - 0.5
+        fx = (ox + np.arange(40) + 0.5) * 120 / nw - 0.5
+        assert y0 <= max(np.floor(fy.min()), 0) and min(np.floor(fy.max()) + 1, 99) < y0 + wh
+        assert x0 <= max(np.floor(fx.min()), 0) and min(np.floor(fx.max()) + 1, 119) < x0 + ww
 
 
 # ------------------------------------------------------------------ flip ---

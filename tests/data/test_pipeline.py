@@ -197,3 +197,24 @@ def test_encoded_bytes_source_matches_decoded_source(training):
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x["image"], y["image"])
             np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def test_jpeg_window_decoding_matches_full_decoding():
+    # JPEG sources are decoded only where the crop reads
+    # (decode_and_crop_jpeg): the batches must equal those of the fully
+    # decoded images.
+    _, images, labels = make_source(num=4)
+    jpegs = [tf.io.encode_jpeg(i, quality=90).numpy() for i in images]
+    full = tf.data.Dataset.from_tensors({"image": tf.io.decode_jpeg(jpegs[0]), "label": labels[0]})
+    for j, label in zip(jpegs[1:], labels[1:]):
+        full = full.concatenate(tf.data.Dataset.from_tensors({"image": tf.io.decode_jpeg(j), "label": label}))
+    encoded = tf.data.Dataset.from_tensor_slices(
+        {
+            "image_bytes": jpegs,
+            "label_bytes": [tf.io.encode_png(label[..., None]).numpy() for label in labels],
+        }
+    )
+    cfg = config(scale_target=(160, 100))  # upscaling: windows are parts of the images
+    assert_same_batches(
+        take(build_dataset(cfg, True, source=full), 4), take(build_dataset(cfg, True, source=encoded), 4)
+    )

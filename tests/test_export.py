@@ -348,7 +348,7 @@ def test_export_script_from_workdir(exported, tmp_path):
             os.path.join(repo, "scripts", "export.py"),
             "--experiment=synthetic_r18_os8",
             f"--workdir={workdir}",
-            f"--export_dir={base}",
+            f"--export_dir={tmp_path / NAME}",
             f"--max_pixels={MAX_PIXELS}",
         ],
         capture_output=True,
@@ -357,11 +357,11 @@ def test_export_script_from_workdir(exported, tmp_path):
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert run.returncode == 0, run.stderr
-    version_2 = os.path.join(base, "2")
-    assert run.stdout.strip().endswith(f"to {version_2}")
-    assert export_lib.read_config(version_2) == config  # from WORKDIR/config.json
+    version_1 = str(tmp_path / NAME / "1")
+    assert run.stdout.strip().endswith(f"to {version_1}")
+    assert export_lib.read_config(version_1) == config  # from WORKDIR/config.json
     image = tf.constant(random_image(13, 20, 28)[np.newaxis])
-    ours = tf.saved_model.load(version_2).signatures["predict_images_with_logits"](images=image)
+    ours = tf.saved_model.load(version_1).signatures["predict_images_with_logits"](images=image)
     theirs = tf.saved_model.load(path).signatures["predict_images_with_logits"](images=image)
     np.testing.assert_array_equal(ours["logits"], theirs["logits"])
 

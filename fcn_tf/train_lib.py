@@ -226,6 +226,21 @@ def make_train_step(
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     variables = model.trainable_variables
 
+    def forward_backward(x, y, global_count):
+        with tf.GradientTape() as tape:
+            outputs = model(x, training=True)
+            losses = segmentation_losses(outputs, y, global_count, ignore_label, aux_weight)
+            # float16: scale the loss so small gradients survive; the
+            # LossScaleOptimizer unscales before applying.
+            loss = optimizer.scale_loss(losses["total"]) if loss_scaled else losses["total"]
+        return losses, tape.gradient(loss, variables)
+
+    if config.trainer.jit_compile:
+        # XLA compiles the model's forward and backward only: the iterator,
+        # the cross-replica sums and the optimizer's merge calls stay outside.
+        # (Not with BatchNorm synchronized across replicas: its all-reduce is inside.)
+        forward_backward = tf.function(forward_backward, jit_compile=True)
+
     def replica_step(images, labels):
         replica_ctx = tf.distribute.get_replica_context()
         # Denominator of the loss: valid pixels of the whole GLOBAL batch
@@ -240,13 +255,7 @@ def make_train_step(
         # collectives inside a tf.while_loop are not supported by every strategy.
         # BatchNorm sees micro-batch statistics, as with a smaller batch.
         for x, y in zip(image_chunks, label_chunks):
-            with tf.GradientTape() as tape:
-                outputs = model(x, training=True)
-                losses = segmentation_losses(outputs, y, global_count, ignore_label, aux_weight)
-                # float16: scale the loss so small gradients survive; the
-                # LossScaleOptimizer unscales before applying.
-                loss = optimizer.scale_loss(losses["total"]) if loss_scaled else losses["total"]
-            micro_grads = tape.gradient(loss, variables)
+            losses, micro_grads = forward_backward(x, y, global_count)
             grads = micro_grads if grads is None else [g + m for g, m in zip(grads, micro_grads)]
             totals = {k: totals[k] + losses[k] for k in totals}
         # SUM (not mean) across replicas: every replica's loss was divided by
@@ -278,7 +287,7 @@ def make_train_step(
         metrics["grad_norm"] = strategy.reduce(tf.distribute.ReduceOp.MEAN, grad_norm, axis=None)
         return metrics
 
-    return tf.function(step, jit_compile=config.trainer.jit_compile or None)
+    return tf.function(step)
 
 
 # --------------------------------------------------------------------------- eval & images
@@ -461,7 +470,9 @@ def _train_locked(
         latest = tf.train.latest_checkpoint(chief_dir)
         if latest:
             try:
-                checkpoint.restore(latest).assert_existing_objects_matched()
+                # Every object of this run must be found; extra entries (the preemption
+                # handler's run counter, save_counter) are read later or not needed.
+                checkpoint.restore(latest).assert_existing_objects_matched().expect_partial()
             except (tf.errors.OpError, AssertionError) as e:
                 raise RuntimeError(
                     f"cannot resume from {latest}: {e}\n  The workdir was written by a different model or "

@@ -252,5 +252,18 @@ def test_mixed_precision_step_keeps_float32_loss_and_variables(precision):
     )
 
 
+def test_jit_compiled_forward_backward_matches_plain_step():
+    import tensorflow as tf
+    import tiny_models
+
+    initial = tiny_models.tiny_segmenter(sync_bn=False).get_weights()
+    strategy = tf.distribute.get_strategy()
+    _, plain = run_steps(strategy, initial, _config())
+    _, jitted = run_steps(strategy, initial, _config(jit_compile=True))
+    diffs = _compare(plain, jitted)
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] < 1e-5, (worst, diffs[worst])
+
+
 if __name__ == "__main__" and "--child" in sys.argv:
     _child()

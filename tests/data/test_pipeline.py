@@ -218,3 +218,20 @@ def test_jpeg_window_decoding_matches_full_decoding():
     assert_same_batches(
         take(build_dataset(cfg, True, source=full), 4), take(build_dataset(cfg, True, source=encoded), 4)
     )
+
+
+def test_benchmark_files_run_through_the_pipeline(tmp_path):
+    # The input benchmark's synthetic files and file source, at a tiny size.
+    import dataclasses
+
+    from fcn_tf.benchmark import input as input_bench
+
+    kind = dataclasses.replace(input_bench.KINDS["voc"], size=(40, 60), files=3)
+    pairs = input_bench.write_synthetic(tmp_path, kind)
+    assert len(pairs) == 3 and all(p.endswith(".jpg") for p, _ in pairs)
+    for images, labels in take(build_dataset(config(), True, source=input_bench.file_source(pairs)), 2):
+        assert images.shape == (4, 32, 40, 3) and labels.shape == (4, 32, 40)
+        assert set(np.unique(labels).tolist()) <= set(range(21)) | {IGNORE}
+    if input_bench.reference_available():
+        image, label = input_bench.ReferencePipeline(config())(*pairs[0])
+        assert image.shape == (32, 40, 3) and image.dtype == np.float32 and label.shape == (32, 40)

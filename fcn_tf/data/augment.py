@@ -11,11 +11,18 @@ ignore value. Labels are only ever resized with nearest neighbour and
 padded with the ignore value; their dtype is preserved.
 
 The reference is sssegmentation / mmsegmentation (OpenCV + numpy, see
-RECIPE.md). Where TensorFlow cannot reproduce it bit for bit the docstring
-says how it differs:
+RECIPE.md). Followed exactly: the resize target truncated to integers and
+mmcv's `int(x * scale + 0.5)` size rounding; labels resized with OpenCV's
+`INTER_NEAREST` index formula (no half-pixel offset, unlike
+`tf.image.resize(..., "nearest")`); the crop retry rule with
+sssegmentation's fallback (the last crop tried); the photometric
+probabilities, ranges and integer hue shift in OpenCV units (18 units = 36
+degrees); clipping and truncation after brightness/contrast. Differences,
+where TensorFlow cannot reproduce it bit for bit:
 - the resized image stays float32 (OpenCV rounds it to uint8);
 - the HSV steps work in float HSV (OpenCV quantizes H, S, V to uint8) and
-  round their result to integers as OpenCV's HSV -> RGB conversion does.
+  round their result to integers as OpenCV's HSV -> RGB conversion does;
+- padding is bottom/right (mmsegmentation's `Pad`; sssegmentation centres).
 """
 
 from __future__ import annotations

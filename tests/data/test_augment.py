@@ -409,6 +409,34 @@ def test_train_transform_output_and_labels(run):
         assert_label_values(out_label, [0, 1, 2, 3, 4, IGNORE])
 
 
+def test_train_transform_is_the_composition_of_the_ops(run):
+    # train_transform plans the crop and reads a source window; it must equal
+    # chaining the separately tested ops with the same seeds.
+    image, label = make_example(50, 70)
+    config = small_config()
+
+    def composed(im, lab, seed):
+        s = tf.random.experimental.stateless_split(seed, 4)
+        im, lab = augment.random_resize(im, lab, s[0], config.scale_target, config.ratio_range)
+        im, lab = augment.random_crop(im, lab, s[1], config.crop_size, 0.75, 10, IGNORE)
+        im, lab = augment.random_flip(im, lab, s[2], 0.5)
+        im = augment.photometric_distortion(im, s[3])
+        im = augment.normalize(im, config.mean, config.std)
+        return augment.pad_to_size(im, lab, config.crop_size, IGNORE)
+
+    seeds = [seed(i) for i in range(8)]
+    fast = run.many(lambda im, lab, s: augment.train_transform(im, lab, s, config), seeds, image, label)
+    slow = run.many(composed, seeds, image, label)
+    for (image_a, label_a), (image_b, label_b) in zip(fast, slow):
+        np.testing.assert_array_equal(label_a, label_b)
+        # Resampling differs by float rounding (< 0.02 of 255); the photometric
+        # steps floor/round to integers, so a rare pixel lands one step apart,
+        # which an HSV step can turn into two. A misplaced crop would differ
+        # almost everywhere.
+        diff = np.abs(image_a - image_b) * np.array(config.std)
+        assert np.mean(diff < 0.05) > 0.99 and diff.max() <= 3.0
+
+
 def test_train_transform_pads_small_images(run):
     # The resized image (at most 24x34 here) is smaller than the crop: padded
     # image pixels are exactly 0 after normalization, padded labels 255.

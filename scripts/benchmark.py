@@ -37,9 +37,14 @@ _INTER_OP = flags.DEFINE_integer("inter_op_threads", 0, "TensorFlow inter-op thr
 _PRECISION = flags.DEFINE_enum(
     "precision", "", ["", "float32", "mixed_bfloat16"], "Our precision (default: the experiment's)."
 )
-_FOLD_BN = flags.DEFINE_bool("fold_bn", False, "Fold BatchNorm into the convs for our inference.")
+_FOLD_BN = flags.DEFINE_bool(
+    "fold_bn", True, "Fold BatchNorm into the convs for our inference (as export --fold_batchnorm)."
+)
 _ONEDNN = flags.DEFINE_enum(
-    "onednn", "default", ["default", "on", "off"], "TF_ENABLE_ONEDNN_OPTS of our side."
+    "onednn",
+    "auto",
+    ["auto", "default", "on", "off"],
+    "TF_ENABLE_ONEDNN_OPTS of our side; auto: on for training, TensorFlow's default for inference.",
 )
 _FLOPS = flags.DEFINE_bool("flops", True, "Count FLOPs per image.")
 _PEAK = flags.DEFINE_bool("matmul_peak", True, "Measure the numpy sgemm peak (the roofline).")

@@ -120,7 +120,7 @@ def test_plan_compares_like_for_like():
 def test_summarize_ratios_and_table():
     results = [
         dict(label="infer: ours", framework="tf", what="infer", batch=2, times=[4.0], images_per_s=0.5,
-             flops_per_image=300e9, peak_rss_mb=3000.0, jit_compile=True),
+             flops_per_image=300e9, peak_rss_mb=3000.0, jit_compile=True, fold_bn=True, onednn="default"),
         dict(label="infer: torchvision", framework="torch", what="infer", batch=2, times=[5.0], images_per_s=0.4,
              flops_per_image=250e9, peak_rss_mb=2000.0),
         dict(label="train: ours", error="exit 1: boom"),
@@ -132,7 +132,9 @@ def test_summarize_ratios_and_table():
     assert rows[0]["peak_share"] == pytest.approx(150.0 / 200.0)
     assert "speed_ratio" not in rows[1]
     table = bm.format_table(rows)
-    assert "| infer: ours | 0.500 | 1.25 | 300.0 | 150.0 | 75 | 1.50 | 3000 | 1.50 | on |" in table
+    assert (
+        "| infer: ours | 0.500 | 1.25 | 300.0 | 150.0 | 75 | 1.50 | 3000 | 1.50 | xla, bn folded |" in table
+    )
     assert "error: exit 1: boom" in table
 
 

@@ -46,7 +46,7 @@ def main(argv):
     except train_lib.Preempted as e:
         logging.warning("%s", e)
         sys.exit(train_lib.PREEMPTED_EXIT_CODE)
-    except (train_lib.NonFiniteLossError, train_lib.WorkdirLockedError, FileNotFoundError) as e:
+    except (train_lib.NonFiniteLossError, train_lib.WorkdirLockedError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     evaluation = result.get("eval")
     if evaluation:

@@ -5,9 +5,11 @@ image holds 1-4 shapes (rotated, of random size, overlapping) on a
 textured, noisy background. Every class has a colour tendency, but one
 shape in seven takes a random colour and the background takes random
 (muted) tints, so colour is a cue and shape decides (a ring and a disc
-differ only by the hole). The balance was set by training: FCN-R18 from
-scratch reached mIoU 0.53 after 200 steps with a harder variant (more
-random colours, busier backgrounds), which this one eases. Like VOC, a thin band along every class boundary is labelled
+differ only by the hole). The balance was set by training
+`synthetic_r18_os8` (FCN-R18-D8 from scratch, 600 steps of 8 crops of
+96x96, seed 0 data): validation mIoU 0.742 (IoU background 0.97, disc
+0.77, square 0.67, triangle 0.65, ring 0.65); a harder mix (a quarter of
+random colours, busier backgrounds) gave 0.53 after a 200-step schedule. Like VOC, a thin band along every class boundary is labelled
 255 (ignored).
 
 `write_dataset` writes

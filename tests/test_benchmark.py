@@ -91,6 +91,14 @@ def test_run_tf_in_process_reports_the_figures(what, fold_bn):
     assert result["peak_rss_mb"] >= result["baseline_rss_mb"] > 0
 
 
+def test_run_tf_slide_times_whole_images():
+    m = _tiny_measurement(what="slide", experiment="synthetic_r18_os8", size=(100, 130), batch=2)
+    m = dataclasses.replace(m, model={**TINY, "num_classes": 5})
+    result = bm.run_tf(m)
+    # One image per call, whatever the number of windows.
+    assert result["images_per_s"] == pytest.approx(1 / np.median(result["times"]))
+
+
 def test_plan_compares_like_for_like():
     config = experiments.get("voc_r50_os8")
     plan = bm.plan_measurements(config, ["train", "infer"], batch=2, size=(512, 512), compare="torchvision")
@@ -111,6 +119,8 @@ def test_plan_compares_like_for_like():
     # auto: XLA for inference, the experiment's trainer.jit_compile for training.
     assert plan[0].jit_compile == config.trainer.jit_compile
     assert plan[3].jit_compile == bm.AUTO_JIT_INFERENCE
+    auto = bm.plan_measurements(config, ["train", "infer"], 2, (512, 512), onednn="auto")
+    assert [m.onednn for m in auto] == [bm.AUTO_ONEDNN["train"]] * 2 + [bm.AUTO_ONEDNN["infer"]] * 2
     with pytest.raises(ValueError, match="ResNet-18"):
         bm.plan_measurements(
             experiments.get("synthetic_r18_os8"), ["infer"], 1, (64, 64), compare="torchvision"

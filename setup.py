@@ -14,6 +14,8 @@ setup(
         "keras==3.15.*",
         "tensorflow-datasets",
         "absl-py",
+        # tf.summary writes event files only with tensorboard installed (TF 2.21 no longer pulls it in).
+        "tensorboard",
         "numpy",
         # scipy reads SBD's MATLAB .mat label files (VOC trainaug preparation).
         "scipy",

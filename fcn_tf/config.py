@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
 from typing import Any
 
@@ -367,6 +368,22 @@ def to_dict(config: ExperimentConfig) -> dict[str, Any]:
 
 def to_json(config: ExperimentConfig) -> str:
     return json.dumps(to_dict(config), indent=2, sort_keys=False)
+
+
+# Training writes the resolved config here in its workdir; evaluation, export
+# and predict read it back so they rebuild the model the run trained.
+WORKDIR_CONFIG = "config.json"
+
+
+def read_workdir_config(workdir: str | None) -> ExperimentConfig | None:
+    """The config a training run wrote to `WORKDIR/config.json`, or None if there is none."""
+    if not workdir:
+        return None
+    path = os.path.join(os.path.expanduser(workdir), WORKDIR_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return from_dict(json.load(f))
 
 
 def from_dict(values: dict[str, Any]) -> ExperimentConfig:

@@ -561,15 +561,14 @@ def load_config(experiment_config, workdir: str | None = None, overrides=()):
       workdir: optional training workdir.
       overrides: "key=value" strings (see `fcn_tf.config.override`).
     """
-    config = experiment_config
-    path = os.path.join(os.path.expanduser(workdir), "config.json") if workdir else None
-    if path and tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            config = config_lib.from_dict(json.load(f))
-        if config.name != experiment_config.name:
-            logging.warning(
-                "%s is experiment %r, not %r; using it", path, config.name, experiment_config.name
-            )
+    config = config_lib.read_workdir_config(workdir) or experiment_config
+    if config.name != experiment_config.name:
+        logging.warning(
+            "%s was trained as experiment %r, not %r; using its config",
+            workdir,
+            config.name,
+            experiment_config.name,
+        )
     return config_lib.validate(config_lib.override(config, *overrides))
 
 

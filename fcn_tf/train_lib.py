@@ -38,12 +38,12 @@ import tensorflow as tf
 from absl import logging
 
 from fcn_tf import checkpoints, distribute, summaries
-from fcn_tf.config import ExperimentConfig, to_json, validate
+from fcn_tf.config import WORKDIR_CONFIG, ExperimentConfig, to_json, validate
 from fcn_tf.losses import global_valid_pixel_count, segmentation_losses
 from fcn_tf.optimizers import build_optimizer
 from fcn_tf.schedules import poly_from_config
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = WORKDIR_CONFIG
 LOCK_FILE = ".lock"
 # Exit code after a preemption checkpoint: TensorFlow's own default for
 # platforms other than Borg/GCP; cluster managers restart on it.

@@ -68,13 +68,12 @@ def resolve_config(
         override (`ConfigError`).
     """
     config = experiments.get(name)
-    saved = os.path.join(workdir, "config.json") if workdir else None
-    if saved and os.path.isfile(saved):
-        with open(saved) as f:
-            config = config_lib.from_dict(json.load(f))
-        if config.name != name:
-            raise ValueError(f"{workdir} was trained with experiment {config.name!r}, not {name!r}")
-        logging.info("Using the training config %s", saved)
+    saved = config_lib.read_workdir_config(workdir)
+    if saved is not None:
+        if saved.name != name:
+            raise ValueError(f"{workdir} was trained with experiment {saved.name!r}, not {name!r}")
+        logging.info("Using the training config in %s", workdir)
+        config = saved
     flag_overrides = []
     if mode:
         flag_overrides.append(f"eval.mode={mode}")

@@ -6,6 +6,8 @@ values map to model classes (`LABEL_TABLE`), the image encoding and the
 expected example counts. Every builder stores the same features:
 
   image:    the original JPEG/PNG bytes, decoded as uint8 (H, W, 3)
+            (or, with STRIP_HEIGHT, "image_strips" + "strip_height": the
+            image as horizontal PNG strips, see `fcn_tf.data.strips`)
   label:    PNG, uint8 (H, W, 1), model space (0..C-1, ignore 255)
   image_id: the dataset's own id (e.g. "2007_000032")
 
@@ -48,6 +50,11 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
       IMAGE_FORMAT: "jpeg" or "png", the images' original encoding.
       EXPECTED_COUNTS: split -> examples of the real dataset, or None.
       DESCRIPTION, HOMEPAGE: shown in the DatasetInfo.
+      STRIP_HEIGHT: None (images stored whole as "image"), or the rows per
+        PNG strip of the STRIP_SPLITS' images, stored as "image_strips" and
+        "strip_height" (`fcn_tf.data.strips`); the other splits then hold
+        their original image bytes as a single strip.
+      STRIP_SPLITS: the splits stored in strips (training reads crops).
     and implement `_list_splits(manual_dir) -> {split: SplitListing}`.
     """
 
@@ -63,6 +70,8 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     EXPECTED_COUNTS: dict[str, int] | None = None
     DESCRIPTION = ""
     HOMEPAGE = ""
+    STRIP_HEIGHT: int | None = None
+    STRIP_SPLITS: tuple[str, ...] = ("train",)
 
     def __init__(self, *, skip_bad_examples: bool = False, allow_count_mismatch: bool = False, **kwargs):
         """Creates the builder.
@@ -87,19 +96,27 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             description=self.DESCRIPTION,
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format=self.IMAGE_FORMAT),
+                    **self._image_features(),
                     "label": tfds.features.Image(
                         shape=(None, None, 1), dtype=np.uint8, encoding_format="png"
                     ),
                     "image_id": tfds.features.Text(),
                 }
             ),
-            supervised_keys=("image", "label"),
+            supervised_keys=None if self.STRIP_HEIGHT else ("image", "label"),
             homepage=self.HOMEPAGE,
             # Keep the listed (sorted) order: evaluation and debugging see
             # the ids in a predictable order; training shuffles anyway.
             disable_shuffling=True,
         )
+
+    def _image_features(self) -> dict:
+        if self.STRIP_HEIGHT:
+            return {
+                "image_strips": tfds.features.Tensor(shape=(None,), dtype=np.object_),
+                "strip_height": tfds.features.Tensor(shape=(), dtype=np.int32),
+            }
+        return {"image": tfds.features.Image(shape=(None, None, 3), encoding_format=self.IMAGE_FORMAT)}
 
     def _list_splits(self, manual_dir: Path) -> dict[str, SplitListing]:
         raise NotImplementedError
@@ -137,9 +154,12 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     def _generate_examples(self, split: str, listing: SplitListing):
         skipped_before = len(self.skipped)
         written = 0
+        strip_height = None
+        if self.STRIP_HEIGHT:
+            strip_height = self.STRIP_HEIGHT if split in self.STRIP_SPLITS else 0
         for raw in listing.examples:
             try:
-                example = validate.make_example(raw, self.LABEL_TABLE, self.NUM_CLASSES)
+                example = validate.make_example(raw, self.LABEL_TABLE, self.NUM_CLASSES, strip_height)
             except BadExampleError as e:
                 if not self.skip_bad_examples:
                     raise

@@ -13,6 +13,13 @@ label id -> train id table below (cityscapesscripts' labels.py); every
 label id that is not one of the 19 train ids -> 255. The license plate has
 id -1, which an 8-bit labelIds PNG can only hold as 255, so raw 255 -> 255.
 Raw values 34..254 are not label ids: bad input.
+
+Images (version 2.0.0): the training images are stored as horizontal PNG
+strips of `strips.DEFAULT_STRIP_HEIGHT` rows ("image_strips",
+"strip_height"; the same pixels, re-encoded losslessly), so the training
+pipeline decodes only the rows a crop reads; the validation images keep
+their original PNG bytes as a single strip. Version 1.0.0 stored every
+image whole as "image"; prepare again to read a 1.0.0 dataset.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from fcn_tf.data import validate
+import tensorflow_datasets as tfds
+
+from fcn_tf.data import strips, validate
 from fcn_tf.data.builder import SegmentationBuilder, SplitListing
 from fcn_tf.data.validate import BadExampleError, RawExample
 
@@ -161,6 +170,13 @@ class Cityscapes(SegmentationBuilder):
     """Cityscapes gtFine with train ids; see the module docstring."""
 
     name = "cityscapes"
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Labels in model space (0..C-1, ignore 255); original image bytes.",
+        "2.0.0": "Training images as horizontal PNG strips (image_strips, strip_height), decoded only "
+        "where a crop reads; validation images as one strip of their original bytes.",
+    }
+    STRIP_HEIGHT = strips.DEFAULT_STRIP_HEIGHT
     NUM_CLASSES = NUM_CLASSES
     LABEL_TABLE = LABEL_TABLE
     IMAGE_FORMAT = "png"

@@ -12,28 +12,32 @@ Eval: one pass, the image resized keeping its ratio to `eval_target` and
 normalized, the label untouched at its original size, batch 1.
 
 Sources yield dicts with `"image"` (uint8 (H, W, 3)) and `"label"` (uint8
-(H, W)), or encoded `"image_bytes"` (JPEG/PNG) and `"label_bytes"`
-(single-channel PNG of class ids), which are then decoded inside the
-parallel map; `"image_id"` is optional.
+(H, W)), or encoded `"image_bytes"` (JPEG/PNG) or `"image_strips"` +
+`"strip_height"` (horizontal PNG strips, `fcn_tf.data.strips`) and
+`"label_bytes"` (single-channel PNG of class ids), which are then decoded
+inside the parallel map; `"image_id"` is optional.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from fcn_tf.data import augment
+from fcn_tf.data import augment, strips
 
 
 def decode_example(example: dict) -> tuple[tf.Tensor, tf.Tensor]:
     """Returns (image uint8 (H, W, 3), label uint8 (H, W)) of a source element.
 
     Args:
-      example: a dict with "image"/"label" tensors or "image_bytes" /
-        "label_bytes" encoded files (the label a single-channel PNG of
-        class ids; palette PNGs would decode to colours).
+      example: a dict with "image"/"label" tensors or "image_bytes" (or
+        "image_strips") / "label_bytes" encoded files (the label a
+        single-channel PNG of class ids; palette PNGs would decode to
+        colours).
     """
     if "image" in example:
         image = example["image"]
+    elif "image_strips" in example:
+        image = strips.decode_strips(example["image_strips"])
     else:
         image = tf.io.decode_image(example["image_bytes"], channels=3, expand_animations=False)
     return tf.ensure_shape(image, [None, None, 3]), decode_label(example)
@@ -48,13 +52,23 @@ def decode_label(example: dict) -> tf.Tensor:
     return tf.ensure_shape(label, [None, None])
 
 
-def window_reader(image_bytes):
+def window_reader(example):
     """`(start, size) -> image window` that decodes only what the crop reads.
 
-    JPEGs are decoded window only (`decode_and_crop_jpeg`, the same pixels
-    as decoding everything and slicing); other formats are decoded whole and
-    sliced.
+    PNG strips: only the strips the window meets (`strips.read_window`).
+    JPEGs are decoded window only (`decode_and_crop_jpeg`); other formats
+    are decoded whole and sliced. All give the same pixels as decoding
+    everything and slicing.
+
+    Args:
+      example: a source element with "image_bytes" or "image_strips" and
+        "strip_height".
     """
+    if "image_strips" in example:
+        return lambda start, size: strips.read_window(
+            example["image_strips"], example["strip_height"], start, size
+        )
+    image_bytes = example["image_bytes"]
 
     def read(start, size):
         def jpeg():
@@ -87,10 +101,16 @@ def _encoded_split(sources, data_config, split):
 
     skip = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
     ds = sources.load_split(data_config, split, decoders=skip)
-    return ds.map(
-        lambda e: {"image_bytes": e["image"], "label_bytes": e["label"], "image_id": e["image_id"]},
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
+
+    def rename(e):
+        out = {"label_bytes": e["label"], "image_id": e["image_id"]}
+        if "image_strips" in e:
+            out.update(image_strips=e["image_strips"], strip_height=e["strip_height"])
+        else:
+            out["image_bytes"] = e["image"]
+        return out
+
+    return ds.map(rename, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def build_dataset(data_config, training: bool, input_context=None, source: tf.data.Dataset | None = None):
@@ -137,9 +157,7 @@ def build_dataset(data_config, training: bool, input_context=None, source: tf.da
                 return augment.train_transform(example["image"], label, seed, c)
             # Encoded source: the crop is planned on the label, then only the
             # image window it reads is decoded (JPEG) and resampled.
-            return augment.train_transform(
-                None, label, seed, c, read_window=window_reader(example["image_bytes"])
-            )
+            return augment.train_transform(None, label, seed, c, read_window=window_reader(example))
 
         ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(batch, drop_remainder=True)

@@ -7,8 +7,11 @@ names the builder:
 
   voc_aug     fcn_tf.data.voc.VocAug            -> DATA_DIR/voc_aug/1.0.0
   ade20k      fcn_tf.data.ade20k.Ade20k         -> DATA_DIR/ade20k/1.0.0
-  cityscapes  fcn_tf.data.cityscapes.Cityscapes -> DATA_DIR/cityscapes/1.0.0
+  cityscapes  fcn_tf.data.cityscapes.Cityscapes -> DATA_DIR/cityscapes/2.0.0
   synthetic   fcn_tf.data.synthetic.Synthetic   -> DATA_DIR/synthetic/1.0.0
+
+A dataset prepared by an older version of fcn_tf in another format (e.g.
+cityscapes/1.0.0) is not read: `load_split` says to prepare it again.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from fcn_tf.config import DataConfig
-from fcn_tf.data import validate
+from fcn_tf.data import strips, validate
 from fcn_tf.data.ade20k import Ade20k
 from fcn_tf.data.builder import SegmentationBuilder
 from fcn_tf.data.cityscapes import Cityscapes
@@ -153,9 +156,21 @@ def _builder(data_config: DataConfig) -> SegmentationBuilder:
     data_dir = os.path.expanduser(data_config.data_dir)
     builder = builder_class(data_config.dataset)(data_dir=data_dir)
     if not builder.is_prepared():
+        command = prepare_command(data_config.dataset, data_config.data_dir)
+        dataset_dir = Path(builder.data_path).parent
+        older = sorted(
+            p.name
+            for p in dataset_dir.glob("*")
+            if p.name != str(builder.version) and (p / "dataset_info.json").is_file()
+        )
+        if older:
+            notes = builder.RELEASE_NOTES.get(str(builder.version), "")
+            raise DatasetNotPreparedError(
+                f"dataset {data_config.dataset!r} in {dataset_dir} was prepared in format {', '.join(older)}; "
+                f"this fcn_tf reads format {builder.version} ({notes}). Prepare it again: {command}"
+            )
         raise DatasetNotPreparedError(
-            f"dataset {data_config.dataset!r} is not prepared in {builder.data_path}; "
-            f"run: {prepare_command(data_config.dataset, data_config.data_dir)}"
+            f"dataset {data_config.dataset!r} is not prepared in {builder.data_path}; run: {command}"
         )
     return builder
 
@@ -183,12 +198,21 @@ def load_split(
     Returns:
       A tf.data.Dataset of {"image": uint8 (H, W, 3), "label": uint8 (H, W)
       in model space (0..C-1, ignore 255), "image_id": tf.string} (a feature
-      skipped by `decoders` stays an encoded tf.string scalar).
+      skipped by `decoders` stays an encoded tf.string scalar). A dataset
+      stored in strips (Cityscapes) is reassembled into "image" exactly;
+      with "image" skipped it gives "image_strips" (tf.string (n,)) and
+      "strip_height" instead (`fcn_tf.data.strips`).
 
     Raises:
       DatasetNotPreparedError: the message gives the prepare_data.py command.
     """
     builder = _builder(data_config)
+    features = builder.info.features
+    in_strips = "image_strips" in features
+    keep_strips = in_strips and decoders is not None and "image" in decoders
+    if decoders is not None:
+        # The strips are a tf.string tensor feature: nothing to skip there.
+        decoders = {key: value for key, value in decoders.items() if key in features} or None
     ds = builder.as_dataset(
         split=split, shuffle_files=shuffle_files, read_config=read_config, decoders=decoders
     )
@@ -198,7 +222,14 @@ def load_split(
         # The stored label is (H, W, 1); the contract is (H, W).
         if label.dtype == tf.uint8:
             label = label[..., 0]
-        return {"image": example["image"], "label": label, "image_id": example["image_id"]}
+        out = {"label": label, "image_id": example["image_id"]}
+        if keep_strips:
+            out.update(image_strips=example["image_strips"], strip_height=example["strip_height"])
+        elif in_strips:
+            out["image"] = strips.decode_strips(example["image_strips"])
+        else:
+            out["image"] = example["image"]
+        return out
 
     return ds.map(squeeze, num_parallel_calls=tf.data.AUTOTUNE)
 

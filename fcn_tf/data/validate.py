@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
-from fcn_tf.data import png
+from fcn_tf.data import png, strips
 
 IGNORE_LABEL = 255
 # Marks raw label values that a dataset does not define.
@@ -172,17 +172,22 @@ def map_label(raw: np.ndarray, table: np.ndarray, path: str, num_classes: int) -
     return mapped.astype(np.uint8)
 
 
-def make_example(raw: RawExample, table: np.ndarray, num_classes: int) -> dict:
+def make_example(
+    raw: RawExample, table: np.ndarray, num_classes: int, strip_height: int | None = None
+) -> dict:
     """Reads, checks and maps one example into the stored feature dict.
 
     Args:
       raw: the example's files.
       table: raw label value -> model class (`lookup_table`).
       num_classes: C of the dataset.
+      strip_height: None: the image is stored as "image". Otherwise it is
+        stored as "image_strips" (`fcn_tf.data.strips`): 0 or >= H, one
+        strip, the original bytes; else PNG strips of that many rows.
 
     Returns:
-      {"image": the original encoded bytes, "label": uint8 (H, W, 1),
-       "image_id": str}.
+      {"image": the original encoded bytes (or "image_strips" and
+       "strip_height"), "label": uint8 (H, W, 1), "image_id": str}.
 
     Raises:
       BadExampleError: naming the file and the problem.
@@ -196,5 +201,13 @@ def make_example(raw: RawExample, table: np.ndarray, num_classes: int) -> dict:
             f"label size {label.shape[1]}x{label.shape[0]} differs from image size "
             f"{image.shape[1]}x{image.shape[0]} ({raw.image_path})",
         )
-    # The image keeps its original encoding (no JPEG re-compression).
-    return {"image": data, "label": label[..., None], "image_id": raw.image_id}
+    example = {"label": label[..., None], "image_id": raw.image_id}
+    height = image.shape[0]
+    if strip_height is None:
+        # The image keeps its original encoding (no JPEG re-compression).
+        example["image"] = data
+    elif strip_height == 0 or strip_height >= height:
+        example.update(image_strips=[data], strip_height=height)
+    else:
+        example.update(image_strips=strips.encode_strips(image, strip_height), strip_height=strip_height)
+    return example

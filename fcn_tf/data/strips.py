@@ -1,0 +1,104 @@
+"""Images stored as horizontal PNG strips, so training decodes only the rows a crop reads.
+
+A PNG cannot be decoded in part: reading one row means inflating every row
+above it. A Cityscapes training crop reads on average under half of the
+source rows (random scale 0.5..2 of 2048x1024, crop 512x1024), and the PNG
+decode is most of the pipeline's time. The Cityscapes builder therefore
+stores each training image as `ceil(H / strip_height)` PNGs of
+`strip_height` rows (the last one shorter), top to bottom, and the training
+pipeline decodes only the strips that intersect the crop's source window
+(`read_window`). The strips hold exactly the image's pixels (PNG is
+lossless; `decode_strips` reassembles the image bit for bit). An image
+stored whole is a single strip of strip_height = H.
+
+Example features: `"image_strips"` (tf.string (n,), the PNGs top to
+bottom) and `"strip_height"` (int32 scalar, rows per strip).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+# Rows per strip of the Cityscapes training images. 8 strips of a 1024-row
+# image: 128-row strips cost ~0.2% more disk than the whole PNG and ~4% more
+# time to decode all of them; a crop reads on average ~4.5 of the 8
+# (BENCHMARKS.md, "Input pipeline").
+DEFAULT_STRIP_HEIGHT = 128
+
+
+def encode_strips(image: np.ndarray, strip_height: int) -> list[bytes]:
+    """Splits an image into PNG strips of `strip_height` rows, top to bottom.
+
+    libpng's default settings (zlib level 6, adaptive filters), as
+    `tf.io.encode_png` writes them.
+
+    Args:
+      image: uint8 (H, W, 3).
+      strip_height: rows per strip (>= 1); the last strip holds the rest.
+
+    Returns:
+      `ceil(H / strip_height)` PNG files' bytes.
+    """
+    if strip_height < 1:
+        raise ValueError(f"strip_height must be >= 1, got {strip_height}")
+    image = np.asarray(image)
+    if image.ndim != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (H, W, C), got {image.dtype} {image.shape}")
+    return [
+        tf.io.encode_png(image[top : top + strip_height]).numpy()
+        for top in range(0, image.shape[0], strip_height)
+    ]
+
+
+def _decode(strip) -> tf.Tensor:
+    return tf.ensure_shape(tf.io.decode_png(strip, channels=3), [None, None, 3])
+
+
+def decode_strips(strips: tf.Tensor) -> tf.Tensor:
+    """The whole image, uint8 (H, W, 3): every strip decoded, stacked top to bottom.
+
+    Args:
+      strips: tf.string (n,), the PNG strips top to bottom.
+    """
+    n = tf.shape(strips)[0]
+    rows = tf.TensorArray(tf.uint8, size=n, infer_shape=False, element_shape=tf.TensorShape([None, None, 3]))
+
+    def body(i, rows):
+        return i + 1, rows.write(i, _decode(strips[i]))
+
+    _, rows = tf.while_loop(lambda i, _: i < n, body, (tf.constant(0), rows))
+    return tf.ensure_shape(rows.concat(), [None, None, 3])
+
+
+def read_window(strips: tf.Tensor, strip_height, start, size) -> tf.Tensor:
+    """`image[start[0]:start[0]+size[0], start[1]:start[1]+size[1]]`, decoding only the strips it meets.
+
+    Args:
+      strips: tf.string (n,), the PNG strips top to bottom.
+      strip_height: int32 scalar, rows per strip (the last may be shorter).
+      start: int32 [2], the window's first row and column (inside the image).
+      size: int32 [2], the window's rows and columns (> 0, inside the image).
+
+    Returns:
+      uint8 (size[0], size[1], 3), the same pixels as decoding the whole
+      image and slicing.
+    """
+    strip_height = tf.cast(strip_height, tf.int32)
+    top, bottom = start[0], start[0] + size[0]
+    first = top // strip_height
+    last = (bottom - 1) // strip_height
+    rows = tf.TensorArray(
+        tf.uint8, size=last - first + 1, infer_shape=False, element_shape=tf.TensorShape([None, None, 3])
+    )
+
+    def body(i, rows):
+        strip_top = i * strip_height
+        # The part of strip i inside the window, in the strip's own rows.
+        lo = tf.maximum(top - strip_top, 0)
+        hi = tf.minimum(bottom - strip_top, strip_height)
+        part = _decode(strips[i])[lo:hi, start[1] : start[1] + size[1]]
+        return i + 1, rows.write(i - first, part)
+
+    _, rows = tf.while_loop(lambda i, _: i <= last, body, (first, rows))
+    return tf.ensure_shape(rows.concat(), [None, None, 3])

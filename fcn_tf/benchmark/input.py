@@ -4,7 +4,12 @@ Writes synthetic VOC-sized JPEGs (500x375) and Cityscapes-sized PNGs
 (2048x1024) with grayscale PNG labels into a temporary folder, then runs the
 whole training pipeline (`fcn_tf.data.build_dataset`, decode included, as the
 reference measures) with the voc / cityscapes experiments' DataConfigs
-(crops 512x512 / 512x1024, their scale targets and batch sizes). Each
+(crops 512x512 / 512x1024, their scale targets and batch sizes). The
+reference reads the files as users have them. Our side reads VOC's JPEGs
+directly (the prepared dataset stores the same bytes) and Cityscapes from
+the dataset `scripts/prepare_data.py` writes from them (the same files in
+the official layout, run through `fcn_tf.data.sources.prepare`: training
+images stored as PNG strips, read from the TFDS records). Each
 measurement runs in a fresh subprocess pinned to 1 core or to all cores
 (`sched_setaffinity`, TensorFlow and tf.data thread pools of that size) and
 reports the median images/s over timed repeats after a warm-up.
@@ -18,7 +23,11 @@ ratio measured in one run is robust to the machine's load, the PERF.md
 anchors (78 / 11 images/s per core) are not.
 
 The synthetic textures are calibrated to real file sizes (VOC JPEGs ~100 KB,
-Cityscapes PNGs ~2.2 MB): decode time follows the encoded size.
+Cityscapes PNGs ~2.2 MB): decode time follows the encoded size. How the
+real Cityscapes PNGs were written is not known; `png_writer` picks the
+encoder of the users' files: "libpng" (libpng's defaults, as TensorFlow and
+most tools write) or "opencv" (`cv2.imwrite`'s defaults, which decode
+~25% faster, favouring the reference).
 
 Library use: `run(...)` returns result rows; `format_table(rows)`.
 Command line: `python scripts/benchmark.py --what=input`, or
@@ -54,6 +63,8 @@ class Kind:
       files: distinct synthetic examples written.
       images: images per timed repeat (default).
       noise: pixel noise std of the synthetic images (calibrates file size).
+      prepared: our side reads the dataset prepare_data.py writes from the
+        files (Cityscapes layout) instead of the files themselves.
     """
 
     experiment: str
@@ -64,12 +75,14 @@ class Kind:
     files: int
     images: int
     noise: float
+    prepared: bool = False
 
 
 KINDS = {
     "voc": Kind("voc_r50_os8", (375, 500), "jpeg", 78.0, 21, 32, 192, noise=16.0),
-    "cityscapes": Kind("cityscapes_r50_os8", (1024, 2048), "png", 11.0, 19, 8, 32, noise=0.7),
+    "cityscapes": Kind("cityscapes_r50_os8", (1024, 2048), "png", 11.0, 19, 8, 32, noise=0.7, prepared=True),
 }
+PNG_WRITERS = ("libpng", "opencv")
 
 
 # --------------------------------------------------------- synthetic data ---
@@ -124,13 +137,20 @@ def synthetic_example(rng, size, num_classes, noise=2.0):
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
-def write_synthetic(directory, kind: Kind, seed: int = 0) -> list[tuple[str, str]]:
+def write_synthetic(
+    directory, kind: Kind, seed: int = 0, png_writer: str = "libpng"
+) -> list[tuple[str, str]]:
     """Writes `kind.files` synthetic examples; returns [(image_path, label_path)].
 
-    JPEG quality 90 (VOC's files are ~100 KB at 500x375); PNGs with zlib's
-    default level, as the datasets' own files.
+    JPEG quality 90 (VOC's files are ~100 KB at 500x375). PNG images with
+    `png_writer`'s defaults: "libpng" (zlib level 6, adaptive filters; what
+    `tf.io.encode_png`, Pillow and most tools write) or "opencv"
+    (`cv2.imencode`: level 1, Sub filter, RLE). Labels: libpng PNGs of class ids.
     """
     import tensorflow as tf
+
+    if png_writer not in PNG_WRITERS:
+        raise ValueError(f"png_writer must be one of {PNG_WRITERS}, got {png_writer!r}")
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -141,6 +161,10 @@ def write_synthetic(directory, kind: Kind, seed: int = 0) -> list[tuple[str, str
         image, label = synthetic_example(rng, kind.size, kind.num_classes, kind.noise)
         if kind.image_format == "jpeg":
             data = tf.io.encode_jpeg(image, quality=90).numpy()
+        elif png_writer == "opencv":
+            import cv2
+
+            data = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))[1].tobytes()
         else:
             data = tf.io.encode_png(image).numpy()
         image_path, label_path = directory / f"{i:04d}.{ext}", directory / f"{i:04d}_label.png"
@@ -148,6 +172,51 @@ def write_synthetic(directory, kind: Kind, seed: int = 0) -> list[tuple[str, str
         label_path.write_bytes(tf.io.encode_png(label[..., None]).numpy())
         pairs.append((str(image_path), str(label_path)))
     return pairs
+
+
+def prepare_cityscapes(pairs, directory) -> str:
+    """Prepares `pairs` as a Cityscapes dataset, as `scripts/prepare_data.py` would.
+
+    The image files are copied unchanged into the official layout
+    (leftImg8bit/train/bench/...), the train-id labels written as
+    `_gtFine_labelIds.png` with the official label ids (ignore -> 0,
+    "unlabeled"), and the first example is also the one-image val split.
+
+    Args:
+      pairs: [(image_path, label_path)] from `write_synthetic`.
+      directory: where the raw layout and the TFDS data directory go.
+
+    Returns:
+      the TFDS data directory (DataConfig.data_dir).
+    """
+    import shutil
+
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    from fcn_tf.data import cityscapes, sources
+
+    to_label_id = np.zeros(256, np.uint8)
+    for _, label_id, train_id in cityscapes.LABELS:
+        if train_id != 255:
+            to_label_id[train_id] = label_id
+    raw = Path(directory) / "raw"
+    for folder, chosen in (("train", pairs), ("val", pairs[:1])):
+        for i, (image_path, label_path) in enumerate(chosen):
+            base = f"bench_000000_{i:06d}"
+            image_dir = raw / "leftImg8bit" / folder / "bench"
+            label_dir = raw / "gtFine" / folder / "bench"
+            image_dir.mkdir(parents=True, exist_ok=True)
+            label_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(image_path, image_dir / f"{base}_leftImg8bit.png")
+            train_ids = tf.io.decode_png(Path(label_path).read_bytes(), channels=1).numpy()
+            (label_dir / f"{base}_gtFine_labelIds.png").write_bytes(
+                tf.io.encode_png(to_label_id[train_ids]).numpy()
+            )
+    data_dir = Path(directory) / "tfds"
+    tfds.disable_progress_bar()
+    sources.prepare("cityscapes", raw, data_dir, allow_count_mismatch=True)
+    return str(data_dir)
 
 
 def file_source(pairs):
@@ -164,10 +233,16 @@ def file_source(pairs):
 # ------------------------------------------------------------ our pipeline ---
 
 
-def measure_tf(pairs, experiment: str, cores: int, images: int, repeats: int, warmup: int) -> list[float]:
+def measure_tf(
+    pairs, experiment: str, cores: int, images: int, repeats: int, warmup: int, data_dir: str | None = None
+) -> list[float]:
     """Images/s of `build_dataset` over `pairs`, one value per timed repeat.
 
     Call in a fresh process (threads are set before TensorFlow starts).
+
+    Args:
+      data_dir: read the prepared dataset there (`prepare_cityscapes`)
+        instead of the files of `pairs`.
     """
     import tensorflow as tf
 
@@ -177,7 +252,11 @@ def measure_tf(pairs, experiment: str, cores: int, images: int, repeats: int, wa
     from fcn_tf.data import build_dataset
 
     data_config = experiments.get(experiment).data
-    ds = build_dataset(data_config, training=True, source=file_source(pairs))
+    if data_dir:
+        data_config = dataclasses.replace(data_config, data_dir=data_dir)
+        ds = build_dataset(data_config, training=True)
+    else:
+        ds = build_dataset(data_config, training=True, source=file_source(pairs))
     options = tf.data.Options()
     options.threading.private_threadpool_size = cores
     options.threading.max_intra_op_parallelism = 1
@@ -339,15 +418,22 @@ def _worker_main(argv=None):
     parser.add_argument("--images", type=int, required=True)
     parser.add_argument("--repeats", type=int, required=True)
     parser.add_argument("--warmup", type=int, required=True)
+    parser.add_argument("--data_dir", default="")
     args = parser.parse_args(argv)
     os.sched_setaffinity(0, set(range(args.cores)))
     pairs = json.loads(Path(args.pairs).read_text())
-    measure = measure_tf if args.pipeline == "tf" else measure_reference
-    rates = measure(pairs, args.experiment, args.cores, args.images, args.repeats, args.warmup)
+    if args.pipeline == "tf":
+        rates = measure_tf(
+            pairs, args.experiment, args.cores, args.images, args.repeats, args.warmup, args.data_dir
+        )
+    else:
+        rates = measure_reference(pairs, args.experiment, args.cores, args.images, args.repeats, args.warmup)
     print("RESULT " + json.dumps(rates), flush=True)
 
 
-def measure_in_subprocess(pipeline, pairs_file, kind: Kind, cores, images, repeats, warmup) -> list[float]:
+def measure_in_subprocess(
+    pipeline, pairs_file, kind: Kind, cores, images, repeats, warmup, data_dir=""
+) -> list[float]:
     """Runs one measurement in a fresh Python pinned to `cores` cores."""
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -365,6 +451,7 @@ def measure_in_subprocess(pipeline, pairs_file, kind: Kind, cores, images, repea
         f"--images={images}",
         f"--repeats={repeats}",
         f"--warmup={warmup}",
+        f"--data_dir={data_dir}",
     ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
@@ -387,6 +474,7 @@ def run(
     warmup: int | None = None,
     cores=None,
     reference: bool | None = None,
+    png_writer: str = "libpng",
     log=print,
 ) -> list[dict]:
     """Measures every kind on 1 core and on all cores; returns one row each.
@@ -398,6 +486,7 @@ def run(
       warmup: images before timing (default: one repeat's worth).
       cores: core counts to measure (default: 1 and all available).
       reference: also time the OpenCV reference (default: if cv2 imports).
+      png_writer: encoder of the synthetic PNG files (`write_synthetic`).
       log: progress printer.
 
     Returns:
@@ -414,18 +503,28 @@ def run(
             kind = KINDS[name]
             n = images or kind.images
             w = n if warmup is None else warmup
-            pairs = write_synthetic(Path(tmp) / name, kind)
+            pairs = write_synthetic(Path(tmp) / name, kind, png_writer=png_writer)
             pairs_file = Path(tmp) / f"{name}.json"
             pairs_file.write_text(json.dumps(pairs))
             sizes = [os.path.getsize(p) for p, _ in pairs]
+            writer = f" ({png_writer})" if kind.image_format == "png" else ""
             log(
-                f"{name}: {len(pairs)} synthetic {kind.size[1]}x{kind.size[0]} {kind.image_format.upper()}s, "
-                f"mean {np.mean(sizes) / 1e3:.0f} KB; {n} images x {repeats} repeats after {w} warm-up"
+                f"{name}: {len(pairs)} synthetic {kind.size[1]}x{kind.size[0]} {kind.image_format.upper()}s"
+                f"{writer}, mean {np.mean(sizes) / 1e3:.0f} KB; {n} images x {repeats} repeats after {w} warm-up"
             )
+            data_dir = ""
+            if kind.prepared:
+                start = time.perf_counter()
+                data_dir = prepare_cityscapes(pairs, Path(tmp) / f"{name}_prepared")
+                stored = _train_image_bytes(data_dir)
+                log(
+                    f"  prepared as prepare_data.py does in {time.perf_counter() - start:.1f} s; stored training "
+                    f"images: mean {stored / len(pairs) / 1e3:.0f} KB ({stored / sum(sizes) - 1:+.1%} vs the files)"
+                )
             pipelines = ["tf"] + (["reference"] if reference else [])
             for c in cores:
                 for p in pipelines:
-                    rates = measure_in_subprocess(p, pairs_file, kind, c, n, repeats, w)
+                    rates = measure_in_subprocess(p, pairs_file, kind, c, n, repeats, w, data_dir)
                     med = statistics.median(rates)
                     row = dict(
                         kind=name,
@@ -450,6 +549,19 @@ def run(
     return rows
 
 
+def _train_image_bytes(data_dir) -> int:
+    """Bytes of the stored training image strips of a prepared Cityscapes dataset."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    from fcn_tf.config import DataConfig
+    from fcn_tf.data import sources
+
+    config = DataConfig(dataset="cityscapes", data_dir=data_dir, num_classes=19)
+    ds = sources.load_split(config, "train", decoders={"image": tfds.decode.SkipDecoding()})
+    return sum(int(tf.reduce_sum(tf.strings.length(e["image_strips"]))) for e in ds)
+
+
 def format_table(rows) -> str:
     """A Markdown table of `run`'s rows."""
     lines = [
@@ -468,7 +580,11 @@ def format_table(rows) -> str:
 
 
 def main(
-    config=None, input_dataset: str | None = None, images: int | None = None, repeats: int | None = None
+    config=None,
+    input_dataset: str | None = None,
+    images: int | None = None,
+    repeats: int | None = None,
+    png_writer: str = "libpng",
 ):
     """`scripts/benchmark.py --what=input`: measures and prints the table.
 
@@ -479,6 +595,7 @@ def main(
       input_dataset: "voc", "cityscapes" or "both".
       images: images per timed repeat.
       repeats: timed repeats.
+      png_writer: encoder of the synthetic PNG files (`write_synthetic`).
 
     Returns:
       the result rows.
@@ -491,7 +608,9 @@ def main(
         kinds = ["voc", "cityscapes"]
     else:
         kinds = [input_dataset]
-    rows = run(kinds, images=images, repeats=repeats or 5, log=lambda s: print(s, flush=True))
+    rows = run(
+        kinds, images=images, repeats=repeats or 5, png_writer=png_writer, log=lambda s: print(s, flush=True)
+    )
     print()
     print(format_table(rows))
     return rows
@@ -505,5 +624,6 @@ if __name__ == "__main__":
         parser.add_argument("--input_dataset", default="both", choices=["voc", "cityscapes", "both"])
         parser.add_argument("--images", type=int, default=None)
         parser.add_argument("--repeats", type=int, default=5)
+        parser.add_argument("--png_writer", default="libpng", choices=PNG_WRITERS)
         a = parser.parse_args()
-        main(input_dataset=a.input_dataset, images=a.images, repeats=a.repeats)
+        main(input_dataset=a.input_dataset, images=a.images, repeats=a.repeats, png_writer=a.png_writer)

@@ -235,3 +235,26 @@ def test_benchmark_files_run_through_the_pipeline(tmp_path):
     if input_bench.reference_available():
         image, label = input_bench.ReferencePipeline(config())(*pairs[0])
         assert image.shape == (32, 40, 3) and image.dtype == np.float32 and label.shape == (32, 40)
+
+
+def test_benchmark_cityscapes_files_are_prepared_and_read_from_strips(tmp_path):
+    # The Cityscapes side of the input benchmark reads what prepare_data.py writes.
+    import dataclasses
+
+    from fcn_tf.benchmark import input as input_bench
+    from fcn_tf.data import sources
+
+    kind = dataclasses.replace(input_bench.KINDS["cityscapes"], size=(300, 60), files=2)
+    pairs = input_bench.write_synthetic(tmp_path / "files", kind)
+    data_dir = input_bench.prepare_cityscapes(pairs, tmp_path / "prepared")
+    cfg = dataclasses.replace(config(), dataset="cityscapes", data_dir=data_dir, num_classes=19)
+    for (image_path, label_path), ex in zip(pairs, sources.load_split(cfg, "train"), strict=True):
+        # 300 rows: 3 strips of 128 rows; the exact pixels and train ids come back.
+        np.testing.assert_array_equal(ex["image"], tf.io.decode_png(tf.io.read_file(image_path)))
+        np.testing.assert_array_equal(ex["label"], tf.io.decode_png(tf.io.read_file(label_path))[..., 0])
+    import tensorflow_datasets as tfds
+
+    stored = sources.load_split(cfg, "train", decoders={"image": tfds.decode.SkipDecoding()})
+    assert [len(ex["image_strips"]) for ex in stored] == [3, 3]
+    for images, labels in take(build_dataset(cfg, True), 2):
+        assert images.shape == (4, 32, 40, 3) and labels.shape == (4, 32, 40)

@@ -6,9 +6,10 @@ r"""Prepares a dataset as TFDS files from the raw files in their official layout
   python scripts/prepare_data.py --dataset=synthetic --manual_dir=data/synthetic_raw --data_dir=data/tfds
 
 (~/tensorflow_datasets and data/tfds are the experiments' data.data_dir) each
-writes DATA_DIR/DATASET/1.0.0 (labels in model space, images in their
-original encoding), atomically: on any error nothing is left behind and an
-existing prepared dataset is untouched. The layouts each dataset expects are
+writes DATA_DIR/DATASET/VERSION (labels in model space; images in their
+original encoding, except Cityscapes' training images, stored as lossless
+PNG strips in cityscapes/2.0.0), atomically: on any error nothing is left
+behind and an existing prepared dataset is untouched. The layouts each dataset expects are
 in the docstrings of fcn_tf/data/{voc,ade20k,cityscapes,synthetic}.py.
 """
 

@@ -193,6 +193,7 @@ def prepare_cityscapes(pairs, directory) -> str:
 
     import tensorflow as tf
     import tensorflow_datasets as tfds
+    from absl import logging as absl_logging
 
     from fcn_tf.data import cityscapes, sources
 
@@ -215,7 +216,13 @@ def prepare_cityscapes(pairs, directory) -> str:
             )
     data_dir = Path(directory) / "tfds"
     tfds.disable_progress_bar()
-    sources.prepare("cityscapes", raw, data_dir, allow_count_mismatch=True)
+    # TFDS logs each step of the build at INFO; the benchmark prints its own summary.
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        sources.prepare("cityscapes", raw, data_dir, allow_count_mismatch=True)
+    finally:
+        absl_logging.set_verbosity(verbosity)
     return str(data_dir)
 
 

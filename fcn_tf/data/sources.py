@@ -164,7 +164,7 @@ def _builder(data_config: DataConfig) -> SegmentationBuilder:
             if p.name != str(builder.version) and (p / "dataset_info.json").is_file()
         )
         if older:
-            notes = builder.RELEASE_NOTES.get(str(builder.version), "")
+            notes = builder.RELEASE_NOTES.get(str(builder.version), "").rstrip(".")
             raise DatasetNotPreparedError(
                 f"dataset {data_config.dataset!r} in {dataset_dir} was prepared in format {', '.join(older)}; "
                 f"this fcn_tf reads format {builder.version} ({notes}). Prepare it again: {command}"

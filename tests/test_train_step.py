@@ -61,7 +61,9 @@ def run_steps(strategy, initial_weights, config, steps=2, bn=True):
 
     keras.utils.set_random_seed(0)
     with strategy.scope():
-        model = tiny_models.tiny_segmenter(sync_bn=True, bn=bn)
+        # As build_fcn: synchronized BatchNorm only with more than one replica,
+        # so 1 replica runs the fused kernel and 2 replicas Keras' synchronized one.
+        model = tiny_models.tiny_segmenter(sync_bn=strategy.num_replicas_in_sync > 1, bn=bn)
         if initial_weights is not None:
             model.set_weights(initial_weights)
         optimizer = build_optimizer(

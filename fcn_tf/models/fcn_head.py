@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from keras import layers
 
+from fcn_tf.models.layers import BatchNorm, Conv2D
+
 
 def fcn_head(
     x,
@@ -36,7 +38,7 @@ def fcn_head(
         `{name}_classifier`).
     """
     for i in range(1, num_convs + 1):
-        x = layers.Conv2D(
+        x = Conv2D(
             channels,
             3,
             padding="same",
@@ -44,14 +46,12 @@ def fcn_head(
             kernel_initializer="he_normal",
             name=f"{name}_conv{i}",
         )(x)
-        x = layers.BatchNormalization(
-            momentum=bn_momentum, epsilon=bn_epsilon, synchronized=sync_bn, name=f"{name}_bn{i}"
-        )(x)
+        x = BatchNorm(momentum=bn_momentum, epsilon=bn_epsilon, synchronized=sync_bn, name=f"{name}_bn{i}")(x)
         x = layers.ReLU(name=f"{name}_relu{i}")(x)
     if dropout > 0:
         x = layers.SpatialDropout2D(dropout, name=f"{name}_dropout")(x)
     # Classifier init as the reference: normal(0, 0.01), zero bias.
-    return layers.Conv2D(
+    return Conv2D(
         num_classes,
         1,
         use_bias=True,

@@ -17,6 +17,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from fcn_tf.models.layers import BatchNorm, Conv2D
+
 # output_stride -> (strides of layer1..4, dilations of layer1..4).
 STAGE_STRIDES_DILATIONS = {
     8: ((1, 2, 1, 1), (1, 1, 2, 4)),
@@ -59,7 +61,7 @@ class _Builder:
         else:
             # For stride 1 and an odd kernel, "same" pads symmetrically.
             padding = "same"
-        return layers.Conv2D(
+        return Conv2D(
             filters,
             kernel,
             strides=stride,
@@ -71,7 +73,7 @@ class _Builder:
         )(x)
 
     def bn(self, x, name):
-        return layers.BatchNormalization(
+        return BatchNorm(
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
             synchronized=self.sync_bn,

@@ -1,0 +1,158 @@
+"""fcn_tf.models.layers: the convolution with hand-written gradients and the fused BatchNorm."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fcn_tf.models.layers import BatchNorm, Conv2D, conv2d_same
+
+# (batch, height, width, in, out, kernel, dilation): odd and even sizes, 1x1,
+# dilations up to larger than the feature map.
+CASES = [
+    (2, 9, 7, 5, 6, 3, 1),
+    (1, 12, 10, 4, 3, 3, 2),
+    (2, 16, 16, 8, 4, 3, 4),
+    (2, 5, 6, 3, 7, 1, 1),
+    (1, 3, 3, 2, 2, 3, 4),
+    (2, 8, 8, 6, 6, 5, 2),
+]
+
+
+def _relative(a, b):
+    return float(tf.reduce_max(tf.abs(a - b)) / tf.reduce_max(tf.abs(b)))
+
+
+@pytest.mark.parametrize("n,h,w,c_in,c_out,k,d", CASES)
+def test_conv2d_same_matches_tensorflow_forward_and_gradients(n, h, w, c_in, c_out, k, d):
+    rng = np.random.default_rng(k * 10 + d)
+    x = tf.constant(rng.normal(size=(n, h, w, c_in)).astype(np.float32))
+    kernel = tf.constant(rng.normal(size=(k, k, c_in, c_out)).astype(np.float32))
+    dy = tf.constant(rng.normal(size=(n, h, w, c_out)).astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, kernel])
+        expected = tf.nn.convolution(x, kernel, padding="SAME", dilations=d)
+        got = conv2d_same(x, kernel, d)
+    np.testing.assert_array_equal(got.numpy(), expected.numpy())
+    want_dx, want_dw = tape.gradient(expected, [x, kernel], output_gradients=dy)
+    got_dx, got_dw = tape.gradient(got, [x, kernel], output_gradients=dy)
+    assert got_dx.shape == want_dx.shape and got_dw.shape == want_dw.shape
+    assert _relative(got_dx, want_dx) < 1e-5
+    assert _relative(got_dw, want_dw) < 1e-5
+
+
+def test_conv2d_same_inside_tf_function_with_unknown_spatial_size():
+    kernel = tf.random.stateless_normal([3, 3, 4, 2], seed=[1, 2])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 4])])
+    def grads(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(conv2d_same(x, kernel, 2) ** 2)
+        return tape.gradient(loss, x)
+
+    x = tf.random.stateless_normal([2, 11, 6, 4], seed=[3, 4])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(tf.nn.convolution(x, kernel, padding="SAME", dilations=2) ** 2)
+    assert _relative(grads(x), tape.gradient(loss, x)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs,fast",
+    [
+        (dict(kernel_size=3, padding="same"), True),
+        (dict(kernel_size=1), True),
+        (dict(kernel_size=3, padding="same", dilation_rate=4), True),
+        (dict(kernel_size=3, strides=2), False),
+        (dict(kernel_size=3, padding="valid"), False),
+        (dict(kernel_size=(1, 3), padding="same"), False),
+        (dict(kernel_size=2, padding="same"), False),
+    ],
+)
+def test_layer_uses_the_fast_gradient_only_where_it_is_exact(kwargs, fast):
+    layer = Conv2D(4, **kwargs)
+    assert layer._fast_backward() is fast
+    reference = keras.layers.Conv2D(4, **kwargs)
+    x = tf.random.stateless_normal([2, 10, 10, 3], seed=[5, 6])
+    reference.build(x.shape)
+    layer.build(x.shape)
+    layer.set_weights(reference.get_weights())
+    # Same variables (names and shapes) as Keras' layer: checkpoints and the
+    # converter see no difference.
+    assert [v.path.split("/")[-1] for v in layer.weights] == [
+        v.path.split("/")[-1] for v in reference.weights
+    ]
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        got, want = layer(x), reference(x)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-6)
+    for g, w in zip(
+        tape.gradient(got, [x, *layer.trainable_weights]),
+        tape.gradient(want, [x, *reference.trainable_weights]),
+    ):
+        assert _relative(g, w) < 1e-5
+
+
+def test_layer_config_round_trips():
+    layer = Conv2D(8, 3, padding="same", dilation_rate=2, use_bias=False, name="c")
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert type(restored) is Conv2D
+    assert restored.get_config() == layer.get_config()
+
+
+def _batch_norm_pair():
+    fused, keras_bn = (
+        BatchNorm(momentum=0.9, epsilon=1e-5),
+        keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5),
+    )
+    rng = np.random.default_rng(7)
+    for layer in (fused, keras_bn):
+        layer.build((None, None, None, 8))
+    gamma, beta = rng.normal(1, 0.1, 8).astype(np.float32), rng.normal(0, 1, 8).astype(np.float32)
+    mean, var = rng.normal(0, 1, 8).astype(np.float32), rng.uniform(0.5, 2, 8).astype(np.float32)
+    for layer in (fused, keras_bn):
+        layer.set_weights([gamma, beta, mean, var])
+    return fused, keras_bn
+
+
+def test_batch_norm_training_step_equals_keras():
+    fused, keras_bn = _batch_norm_pair()
+    rng = np.random.default_rng(8)
+    x = tf.constant(rng.normal(2, 3, (4, 5, 6, 8)).astype(np.float32))
+    weights = tf.constant(rng.normal(size=x.shape).astype(np.float32))
+    grads = []
+    for layer in (fused, keras_bn):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * weights)
+        grads.append((y, tape.gradient(loss, [x, *layer.trainable_weights])))
+    (y_fused, g_fused), (y_keras, g_keras) = grads
+    assert _relative(y_fused, y_keras) < 1e-6
+    for a, b in zip(g_fused, g_keras):
+        assert _relative(a, b) < 1e-5
+    # Moving statistics updated as Keras does (momentum 0.9, biased variance).
+    flat = x.numpy().reshape(-1, 8)
+    np.testing.assert_allclose(fused.moving_mean.numpy(), keras_bn.moving_mean.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fused.moving_variance.numpy(), keras_bn.moving_variance.numpy(), rtol=1e-5)
+    start_var = _batch_norm_pair()[0].moving_variance.numpy()
+    np.testing.assert_allclose(fused.moving_variance.numpy(), 0.9 * start_var + 0.1 * flat.var(0), rtol=1e-5)
+    # Inference uses the moving statistics in both.
+    np.testing.assert_allclose(
+        fused(x, training=False).numpy(), keras_bn(x, training=False).numpy(), atol=1e-5
+    )
+
+
+def test_batch_norm_falls_back_to_keras_where_it_cannot_fuse():
+    x = tf.zeros([2, 4, 4, 8])
+    fused = BatchNorm()
+    fused.build(x.shape)
+    assert fused._can_fuse(x, True, None)
+    assert not fused._can_fuse(x, False, None)
+    assert not fused._can_fuse(tf.zeros([2, 8]), True, None)
+    assert not BatchNorm(synchronized=True)._can_fuse(x, True, None)
+    frozen = BatchNorm()
+    frozen.build(x.shape)
+    frozen.trainable = False
+    assert not frozen._can_fuse(x, True, None)

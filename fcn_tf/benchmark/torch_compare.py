@@ -70,17 +70,6 @@ def run_torch(measurement: Measurement) -> dict:
     labels[torch.rand(m.batch, h, w) < 0.05] = ignore_label
     result: dict[str, Any] = {"label": m.label, "framework": "torch", "what": m.what, "batch": m.batch}
 
-    if m.flops:
-        net.eval()
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            net(images[:1])
-        forward = int(counter.get_total_flops())
-        # Same convention as the TF side: a training step is 3x the forward.
-        result["flops_per_image"] = 3 * forward if train else forward
-        if train:
-            result["forward_flops_per_image"] = forward
-
     if train:
         net.train()
         optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -113,6 +102,17 @@ def run_torch(measurement: Measurement) -> dict:
         baseline_rss_mb=baseline_mb,
         versions={"torch": torch.__version__, "torchvision": torchvision.__version__},
     )
+    if m.flops:
+        # After the timing and the peak-memory reading, as on the TF side.
+        net.eval()
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            net(images[:1])
+        forward = int(counter.get_total_flops())
+        # Same convention as the TF side: a training step is 3x the forward.
+        result["flops_per_image"] = 3 * forward if train else forward
+        if train:
+            result["forward_flops_per_image"] = forward
     return result
 
 

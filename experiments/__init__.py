@@ -142,8 +142,8 @@ def _reference(dataset: str, depth: int, output_stride: int) -> Callable[[], Exp
 def synthetic_r18_os8() -> ExperimentConfig:
     """The demo: FCN-R18-D8 from scratch on the synthetic shapes dataset.
 
-    `make demo` runs it on a 2-core CPU in a few minutes; expected mIoU on the
-    synthetic validation split: >= 0.7.
+    `make demo` runs it on a 2-core CPU in under 10 minutes; expected mIoU on
+    the synthetic validation split: >= 0.7.
     """
     return ExperimentConfig(
         name="synthetic_r18_os8",
@@ -164,13 +164,15 @@ def synthetic_r18_os8() -> ExperimentConfig:
             global_batch_size=8,
             shuffle_buffer=256,
         ),
-        optimizer=OptimizerConfig(base_lr=0.01, weight_decay=1e-4),
+        # 450 steps at lr 0.02 reached mIoU 0.752 (600 steps at 0.01: 0.742;
+        # 500 at 0.01: 0.725; 450 at 0.015: 0.745), about 0.7 s per step on 2 cores.
+        optimizer=OptimizerConfig(base_lr=0.02, weight_decay=1e-4),
         trainer=TrainerConfig(
-            train_steps=600,
-            log_every=20,
-            image_summary_every=200,
-            checkpoint_every=200,
-            eval_every=300,
+            train_steps=450,
+            log_every=25,
+            image_summary_every=150,
+            checkpoint_every=150,
+            eval_every=450,
             deterministic=False,
         ),
         eval=EvalConfig(crop_size=(96, 96), stride=(64, 64)),

@@ -44,7 +44,7 @@ _ONEDNN = flags.DEFINE_enum(
     "onednn",
     "auto",
     ["auto", "default", "on", "off"],
-    "TF_ENABLE_ONEDNN_OPTS of our side; auto: on for training, TensorFlow's default for inference.",
+    "TF_ENABLE_ONEDNN_OPTS of our side; auto: on (see AUTO_ONEDNN in fcn_tf/benchmark/model.py).",
 )
 _FLOPS = flags.DEFINE_bool("flops", True, "Count FLOPs per image.")
 _PEAK = flags.DEFINE_bool("matmul_peak", True, "Measure the numpy sgemm peak (the roofline).")

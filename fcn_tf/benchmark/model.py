@@ -545,14 +545,14 @@ def child_main(argv: Sequence[str], runner: Callable[[Measurement], dict]) -> No
 
 # --------------------------------------------------------------------------- the side-by-side plan
 
-# Defaults of `--jit_compile=auto`, per measurement kind, from the
-# measurements in BENCHMARKS.md ("Speed settings"): XLA speeds up the
-# inference forward on this CPU; the training step follows the experiment's
-# `trainer.jit_compile`.
-AUTO_JIT_INFERENCE = True
-# `--onednn=auto`: TensorFlow's oneDNN kernels (off by default on this AMD
-# CPU) sped the training step up by ~30% but not the XLA-compiled inference.
-AUTO_ONEDNN = {"train": "on", "infer": "default", "slide": "default"}
+# Defaults of `--jit_compile=auto` and `--onednn=auto`, per measurement kind,
+# from the measurements on a quiet machine in BENCHMARKS.md ("Speed
+# settings"): TensorFlow's oneDNN kernels (off by default on this AMD CPU) make
+# the train step 1.3-1.8x faster, and the plain-graph inference with oneDNN
+# beat the XLA-compiled one (0.636 vs 0.583 images/s, R50 512x512); the
+# training step follows the experiment's `trainer.jit_compile`.
+AUTO_JIT_INFERENCE = False
+AUTO_ONEDNN = {"train": "on", "infer": "on", "slide": "on"}
 
 
 def torchvision_layout(model: dict) -> dict:

@@ -15,10 +15,9 @@ import json
 import os
 import sys
 
-# oneDNN's CPU kernels: 1.2x faster inference here (BENCHMARKS.md); TensorFlow
-# enables them by default only on Intel CPUs. Set before TensorFlow is
-# imported; a value the user exported wins.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+from fcn_tf.runtime import prefer_onednn
+
+prefer_onednn()  # before TensorFlow is imported
 
 from absl import app, flags, logging
 

@@ -9,14 +9,11 @@ cluster, else mirrored over the local GPUs, else the CPU). On SIGTERM a
 checkpoint is saved and the process exits with code 42 (rerun to resume).
 """
 
-import os
 import sys
 
-# oneDNN's CPU kernels make the train step 1.3-1.8x faster here (BENCHMARKS.md);
-# TensorFlow enables them by default only on Intel CPUs. Read once, when
-# TensorFlow is imported, so it is set before the imports below; a value the
-# user exported wins.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+from fcn_tf.runtime import prefer_onednn
+
+prefer_onednn()  # before TensorFlow is imported
 
 from absl import app, flags, logging
 

@@ -62,15 +62,27 @@ class TorchSGD(keras.optimizers.Optimizer):
         self.momentums = self.add_optimizer_variables(variables, "momentum")
 
     def update_step(self, gradient, variable, learning_rate):
-        lr = tf.cast(learning_rate, variable.dtype)
-        gradient = tf.cast(gradient, variable.dtype)
+        dtype = variable.dtype
+        gradient = tf.cast(gradient, dtype)
         if self.l2:
             # PyTorch's weight_decay: an L2 term in the gradient, before momentum.
-            gradient = gradient + tf.cast(self.l2, variable.dtype) * variable
+            gradient = gradient + tf.cast(self.l2, dtype) * variable
         buf = self.momentums[self._get_variable_index(variable)]
-        # The buffer starts at zero, so the first step gives buf = g as PyTorch.
-        self.assign(buf, tf.cast(self.momentum, variable.dtype) * buf + gradient)
-        self.assign_sub(variable, lr * buf)
+        # One fused kernel: buf = momentum * buf + g; w -= lr * buf (PyTorch's
+        # order; the buffer starts at zero, so the first step gives buf = g).
+        # Written as separate ops, Grappler's arithmetic optimizer regroups
+        # `momentum * buf + (g + l2 * w)` into a sum whose operand order can
+        # differ between processes, and MultiWorkerMirroredStrategy workers
+        # drifted apart by an ulp from identical all-reduced gradients.
+        tf.raw_ops.ResourceApplyMomentum(
+            var=_handle(variable),
+            accum=_handle(buf),
+            lr=tf.cast(learning_rate, dtype),
+            grad=gradient,
+            momentum=tf.cast(self.momentum, dtype),
+            use_locking=False,
+            use_nesterov=False,
+        )
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         if self.aggregate_gradients:
@@ -81,6 +93,17 @@ class TorchSGD(keras.optimizers.Optimizer):
         config = super().get_config()
         config.update(momentum=self.momentum, l2=self.l2, aggregate_gradients=self.aggregate_gradients)
         return config
+
+
+def _handle(variable):
+    """The resource handle of a Keras or TensorFlow (possibly distributed) variable.
+
+    Inside `strategy.extended.update` a distributed variable gives the handle of
+    the component on the device being updated.
+    """
+    if isinstance(variable, keras.Variable):
+        variable = variable.value
+    return variable.handle
 
 
 def build_optimizer(

@@ -18,7 +18,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -39,11 +38,15 @@ def _free_ports(count):
 
 def _worker(workdir, data_dir, out):
     import tensorflow as tf
+    from absl import logging
 
     import experiments
     from fcn_tf import distribute, train_lib
     from fcn_tf.config import override
 
+    # Not started through absl.app (which logs INFO as scripts/train.py does):
+    # the non-chief's "checkpoints go to ..." line is checked below.
+    logging.set_verbosity(logging.INFO)
     strategy = distribute.make_strategy("auto")
     assert isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy), strategy
     assert strategy.num_replicas_in_sync == 2
@@ -75,7 +78,6 @@ def _build(config):
     return model
 
 
-@pytest.mark.slow
 def test_two_workers_train_to_identical_weights(tmp_path):
     data_dir = tiny_models.make_synthetic_tfds(str(tmp_path / "data"))
     workdir = str(tmp_path / "run")

@@ -47,15 +47,18 @@ def test_conv2d_same_inside_tf_function_with_unknown_spatial_size():
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 4])])
     def grads(x):
         with tf.GradientTape() as tape:
-            tape.watch(x)
+            tape.watch([x, kernel])
             loss = tf.reduce_sum(conv2d_same(x, kernel, 2) ** 2)
-        return tape.gradient(loss, x)
+        return tape.gradient(loss, [x, kernel])
 
     x = tf.random.stateless_normal([2, 11, 6, 4], seed=[3, 4])
     with tf.GradientTape() as tape:
-        tape.watch(x)
+        tape.watch([x, kernel])
         loss = tf.reduce_sum(tf.nn.convolution(x, kernel, padding="SAME", dilations=2) ** 2)
-    assert _relative(grads(x), tape.gradient(loss, x)) < 1e-5
+    want_dx, want_dw = tape.gradient(loss, [x, kernel])
+    got_dx, got_dw = grads(x)
+    assert _relative(got_dx, want_dx) < 1e-5
+    assert _relative(got_dw, want_dw) < 1e-5
 
 
 @pytest.mark.parametrize(

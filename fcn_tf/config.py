@@ -162,6 +162,12 @@ class TrainerConfig:
       seed: seed of weight initialization.
       deterministic: enable TensorFlow op determinism (exact resume).
       jit_compile: compile the train step with XLA.
+      inter_op_threads: TensorFlow's inter-op pool (ops run side by side) in
+        `scripts/train.py`: -1 (auto) = 1 on a machine without GPU/TPU, where
+        each convolution already uses every core and running two ops at once
+        only keeps more tensors alive (R50-D8 512x512: 250 MB less peak
+        memory, same speed; BENCHMARKS.md), else TensorFlow's default;
+        0 = TensorFlow's default; N > 0 = N threads.
     """
 
     train_steps: int = 1000
@@ -178,6 +184,7 @@ class TrainerConfig:
     seed: int = 0
     deterministic: bool = False
     jit_compile: bool = False
+    inter_op_threads: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,6 +279,7 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         "trainer log_every, checkpoint_every, keep_checkpoints must be >= 1",
     )
     check(t.aux_weight >= 0, f"trainer.aux_weight={t.aux_weight} must be >= 0")
+    check(t.inter_op_threads >= -1, f"trainer.inter_op_threads={t.inter_op_threads} must be >= -1 (-1: auto)")
     check(e.mode in EVAL_MODES, f"eval.mode={e.mode!r} not in {EVAL_MODES}")
     check(len(e.scales) >= 1 and all(s > 0 for s in e.scales), f"eval.scales={e.scales} must be positive")
     check(

@@ -1,6 +1,8 @@
-"""Process-wide TensorFlow settings that must be made before TensorFlow is imported.
+"""Process-wide TensorFlow settings that must be made before TensorFlow starts.
 
-This module imports nothing heavy, so scripts can call it first.
+`prefer_onednn` runs before TensorFlow is imported; `set_inter_op_threads`
+before TensorFlow executes anything (creating the strategy does). This module
+imports nothing heavy at import time, so scripts can call it first.
 """
 
 from __future__ import annotations
@@ -18,3 +20,29 @@ def prefer_onednn() -> None:
     import that pulls in TensorFlow. A value already exported wins.
     """
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
+def set_inter_op_threads(threads: int) -> int:
+    """Sizes TensorFlow's inter-op thread pool; returns the size set (0: TensorFlow's default).
+
+    Args:
+      threads: -1 (auto): 1 when no GPU or TPU is visible, else TensorFlow's
+        default. On a CPU-only machine every convolution and matmul already
+        spreads over all cores through the intra-op pool; a second op running
+        beside it only keeps more tensors alive (`TrainerConfig.inter_op_threads`).
+        0: TensorFlow's default. N > 0: N threads.
+
+    Raises:
+      ValueError: `threads` < -1.
+      RuntimeError: TensorFlow has already started executing.
+    """
+    import tensorflow as tf
+
+    if threads < -1:
+        raise ValueError(f"inter-op threads must be >= -1 (-1: auto), got {threads}")
+    if threads == -1:
+        accelerators = tf.config.list_physical_devices("GPU") + tf.config.list_physical_devices("TPU")
+        threads = 0 if accelerators else 1
+    if threads != tf.config.threading.get_inter_op_parallelism_threads():
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    return threads

@@ -33,7 +33,13 @@ _ROUNDS = flags.DEFINE_integer("rounds", 1, "Interleaved rounds of all measureme
 _COMPARE = flags.DEFINE_enum("compare", "", ["", "torchvision"], "Also run torchvision's FCN side by side.")
 _JIT = flags.DEFINE_enum("jit_compile", "auto", ["auto", "on", "off"], "XLA for our step / forward.")
 _THREADS = flags.DEFINE_integer("threads", 2, "Intra-op threads of both frameworks and of the matmul peak.")
-_INTER_OP = flags.DEFINE_integer("inter_op_threads", 0, "TensorFlow inter-op threads (0: default).")
+_INTER_OP = flags.DEFINE_integer(
+    "inter_op_threads",
+    -1,
+    "TensorFlow inter-op threads. -1 (auto): for training what scripts/train.py uses "
+    "(trainer.inter_op_threads=-1: 1 on a machine without GPU/TPU), for inference "
+    "TensorFlow's default; 0: TensorFlow's default; N: N threads.",
+)
 _PRECISION = flags.DEFINE_enum(
     "precision", "", ["", "float32", "mixed_bfloat16"], "Our precision (default: the experiment's)."
 )

@@ -20,6 +20,7 @@ from absl import app, flags, logging
 import experiments
 from fcn_tf import distribute, train_lib
 from fcn_tf.config import ConfigError, override, validate
+from fcn_tf.runtime import set_inter_op_threads
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("experiment", None, "Registered experiment name (scripts/list_experiments.py).")
@@ -44,6 +45,7 @@ def main(argv):
         config = validate(override(config, *assignments))
     except (KeyError, ConfigError) as e:
         sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
+    set_inter_op_threads(config.trainer.inter_op_threads)  # before the strategy starts TensorFlow
     strategy = distribute.make_strategy(FLAGS.strategy)
     try:
         result = train_lib.train(config, FLAGS.workdir, strategy, from_scratch=FLAGS.from_scratch)

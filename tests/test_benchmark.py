@@ -121,6 +121,9 @@ def test_plan_compares_like_for_like():
     assert plan[3].jit_compile == bm.AUTO_JIT_INFERENCE
     auto = bm.plan_measurements(config, ["train", "infer"], 2, (512, 512), onednn="auto")
     assert [m.onednn for m in auto] == [bm.AUTO_ONEDNN["train"]] * 2 + [bm.AUTO_ONEDNN["infer"]] * 2
+    # inter-op auto (-1): the train rows get train.py's setting, inference TensorFlow's default.
+    inter = bm.plan_measurements(config, ["train", "infer"], 2, (512, 512), inter_op_threads=-1)
+    assert [m.inter_op_threads for m in inter] == [-1, -1, 0, 0]
     with pytest.raises(ValueError, match="ResNet-18"):
         bm.plan_measurements(
             experiments.get("synthetic_r18_os8"), ["infer"], 1, (64, 64), compare="torchvision"
@@ -134,6 +137,8 @@ def test_summarize_ratios_and_table():
         dict(label="infer: torchvision", framework="torch", what="infer", batch=2, times=[5.0], images_per_s=0.4,
              flops_per_image=250e9, peak_rss_mb=2000.0),
         dict(label="train: ours", error="exit 1: boom"),
+        dict(label="train: ours (1 inter-op)", framework="tf", what="train", batch=2, times=[10.0],
+             images_per_s=0.2, peak_rss_mb=3000.0, jit_compile=False, onednn="1", inter_op_threads=1),
     ]  # fmt: skip
     rows = bm.summarize(results, peak_gflops=200.0)
     assert rows[0]["speed_ratio"] == pytest.approx(1.25)
@@ -146,6 +151,7 @@ def test_summarize_ratios_and_table():
         "| infer: ours | 0.500 | 1.25 | 300.0 | 150.0 | 75 | 1.50 | 3000 | 1.50 | xla, bn folded |" in table
     )
     assert "error: exit 1: boom" in table
+    assert "| no xla, onednn, inter-op 1 |" in table
 
 
 def test_matmul_peak_is_positive():

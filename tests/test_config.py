@@ -87,6 +87,8 @@ def test_validate_reports_inconsistent_values():
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.validate(bad)
     assert "output_stride=4" in str(e.value) and "num_classes=20" in str(e.value)
+    with pytest.raises(config_lib.ConfigError, match="inter_op_threads=-2"):
+        config_lib.validate(config_lib.override(c, "trainer.inter_op_threads=-2"))
 
 
 def test_json_round_trip():

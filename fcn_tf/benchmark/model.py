@@ -54,7 +54,8 @@ class Measurement:
       warmup: untimed calls first (tracing, XLA compilation, allocator).
       repeats: timed calls; the median is quoted.
       threads: intra-op threads (torch.set_num_threads for torch).
-      inter_op_threads: TensorFlow's inter-op pool (0: TensorFlow's default).
+      inter_op_threads: TensorFlow's inter-op pool (0: TensorFlow's default;
+        -1: what scripts/train.py uses by default, `fcn_tf.runtime.set_inter_op_threads(-1)`).
       jit_compile: compile the step / forward with XLA (tf only).
       precision: "float32" or "mixed_bfloat16" (tf only).
       fold_bn: fold BatchNorm into the convolutions for inference (tf only).
@@ -199,13 +200,16 @@ def configure_tensorflow(threads: int, inter_op_threads: int = 0) -> None:
 
     Args:
       threads: intra-op threads (0: TensorFlow's default, one per core).
-      inter_op_threads: inter-op threads (0: TensorFlow's default).
+      inter_op_threads: inter-op threads (0: TensorFlow's default; -1: auto as
+        scripts/train.py, see `fcn_tf.runtime.set_inter_op_threads`).
     """
     import tensorflow as tf
 
+    from fcn_tf.runtime import set_inter_op_threads
+
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+        set_inter_op_threads(inter_op_threads)
     except RuntimeError:
         # TensorFlow already started (an in-process call, e.g. a test): its pools stay.
         print("TensorFlow is already initialized; thread settings not applied", file=sys.stderr)
@@ -487,6 +491,7 @@ def run_tf(measurement: Measurement) -> dict:
     times = time_calls(call, m.warmup, m.repeats)
     result.update(
         onednn=os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+        inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads(),
         times=times,
         images_per_s=images_per_call / statistics.median(times),
         setup_s=time.perf_counter() - start - sum(times),
@@ -622,6 +627,8 @@ def plan_measurements(
         ours_common = {**common, "jit_compile": jit, "precision": config.trainer.precision, **overrides}
         if ours_common.get("onednn") == "auto":
             ours_common["onednn"] = AUTO_ONEDNN[kind]
+        if ours_common.get("inter_op_threads") == -1 and kind != "train":
+            ours_common["inter_op_threads"] = 0  # auto: train.py's setting is for training
         measurements.append(Measurement(label=f"{kind}: ours", framework="tf", model=ours, **ours_common))
         if kind == "slide":
             continue
@@ -722,6 +729,8 @@ def _settings(result: dict) -> str:
         parts.append("bn folded")
     if result.get("onednn") == "1":
         parts.append("onednn")
+    if result.get("inter_op_threads"):
+        parts.append(f"inter-op {result['inter_op_threads']}")
     if result.get("precision", "float32") != "float32":
         parts.append(result["precision"])
     return ", ".join(parts)

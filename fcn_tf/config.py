@@ -165,8 +165,8 @@ class TrainerConfig:
       inter_op_threads: TensorFlow's inter-op pool (ops run side by side) in
         `scripts/train.py`: -1 (auto) = 1 on a machine without GPU/TPU, where
         each convolution already uses every core and running two ops at once
-        only keeps more tensors alive (R50-D8 512x512: 250 MB less peak
-        memory, same speed; BENCHMARKS.md), else TensorFlow's default;
+        mostly keeps more tensors alive (R50-D8 512x512: 250-300 MB less peak
+        memory, ~2.5% slower steps; BENCHMARKS.md), else TensorFlow's default;
         0 = TensorFlow's default; N > 0 = N threads.
     """
 

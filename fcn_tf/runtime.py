@@ -29,7 +29,8 @@ def set_inter_op_threads(threads: int) -> int:
       threads: -1 (auto): 1 when no GPU or TPU is visible, else TensorFlow's
         default. On a CPU-only machine every convolution and matmul already
         spreads over all cores through the intra-op pool; a second op running
-        beside it only keeps more tensors alive (`TrainerConfig.inter_op_threads`).
+        beside it gains a little speed (~2.5% for R50-D8) and keeps more tensors
+        alive (250-300 MB; `TrainerConfig.inter_op_threads`).
         0: TensorFlow's default. N > 0: N threads.
 
     Raises:

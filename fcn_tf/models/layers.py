@@ -45,8 +45,8 @@ def _filter_grad(x, dy, kernel_size: int, dilation: int):
     at 64x64, 89 vs 173 for 1024 -> 256; BENCHMARKS.md).
     """
     c_in, c_out = x.shape[-1], dy.shape[-1]
-    # Transposed once, explicitly: oneDNN's matmul with transpose_a was up to
-    # 1.7x slower on these shapes (256 channels, 8192 positions).
+    # Written as an explicit transpose; Grappler may fold it into the matmul
+    # (transpose_a), which measured the same on these shapes (BENCHMARKS.md).
     x_t = tf.transpose(tf.reshape(x, [-1, c_in]))
     if kernel_size == 1:
         return tf.reshape(tf.matmul(x_t, tf.reshape(dy, [-1, c_out])), [1, 1, c_in, c_out])

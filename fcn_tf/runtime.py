@@ -22,6 +22,13 @@ def prefer_onednn() -> None:
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
+def onednn_enabled() -> bool:
+    """Whether this TensorFlow process runs oneDNN CPU kernels (imports TensorFlow)."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
 def set_inter_op_threads(threads: int) -> int:
     """Sizes TensorFlow's inter-op thread pool; returns the size set (0: TensorFlow's default).
 

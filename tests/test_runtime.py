@@ -51,3 +51,12 @@ def test_inter_op_threads_rejects_values_below_minus_one():
 
     with pytest.raises(ValueError, match="-2"):
         set_inter_op_threads(-2)
+
+
+def test_onednn_enabled_reports_the_import_time_setting():
+    code = "from fcn_tf.runtime import onednn_enabled; print(onednn_enabled())"
+    for value, expected in (("1", "True"), ("0", "False")):
+        env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=value, TF_CPP_MIN_LOG_LEVEL="3")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip() == expected

@@ -18,13 +18,40 @@ The forward op and the layer's variables are Keras' own (names, weights and
 checkpoints unchanged); only the gradient differs, by float32 rounding
 (summation order). Strided convolutions keep TensorFlow's gradients.
 
-BatchNorm: the training step runs as one fused kernel (see the class).
+BatchNorm: the training step runs as fused kernels (see the class).
+
+With oneDNN on a CPU, two choices depend on the channel count, measured
+(constants below): narrow 1x1 filter gradients use oneDNN's own kernel, and
+wide BatchNorms compute their statistics by reductions.
 """
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import tensorflow as tf
+
+from fcn_tf.runtime import onednn_enabled
+
+# Kernel choices made only where oneDNN runs and no GPU is visible
+# (TF_ENABLE_ONEDNN_OPTS=1 is the training default on CPU, see
+# fcn_tf.runtime.prefer_onednn), from measurements
+# on the project's CPU at the R50-D8 shapes (BENCHMARKS.md). Both sides of
+# each choice compute the same values; only the speed differs.
+# A 1x1 filter gradient is a plain matmul when both channel counts reach this
+# (157-170 GFLOP/s), else oneDNN's Conv2DBackpropFilter (113-136, where its
+# matmul gets 61-89; 1024 <-> 256 channels on 64x64: 37 vs 52-55 ms).
+_ONEDNN_MATMUL_MIN_CHANNELS = 512
+# BatchNorm statistics by two reductions instead of oneDNN's fused kernel from
+# this many channels (2 x 64 x 64 x 2048, forward + backward: 78 vs 99 ms;
+# x 1024: 43 vs 52 ms; x 512 and below: no gain).
+_ONEDNN_REDUCED_BN_MIN_CHANNELS = 1024
+
+
+@functools.cache
+def _onednn() -> bool:
+    return onednn_enabled() and not tf.config.list_physical_devices("GPU")
 
 
 def _input_grad(dy, kernel, dilation: int):
@@ -49,6 +76,16 @@ def _filter_grad(x, dy, kernel_size: int, dilation: int):
     # (transpose_a), which measured the same on these shapes (BENCHMARKS.md).
     x_t = tf.transpose(tf.reshape(x, [-1, c_in]))
     if kernel_size == 1:
+        if _onednn() and min(c_in, c_out) < _ONEDNN_MATMUL_MIN_CHANNELS:
+            # oneDNN's matmul runs these narrow products slowly (61-89
+            # GFLOP/s); its own 1x1 filter-gradient kernel gets 113-136.
+            return tf.raw_ops.Conv2DBackpropFilter(
+                input=x,
+                filter_sizes=[1, 1, c_in, c_out],
+                out_backprop=dy,
+                strides=[1, 1, 1, 1],
+                padding="VALID",
+            )
         return tf.reshape(tf.matmul(x_t, tf.reshape(dy, [-1, c_out])), [1, 1, c_in, c_out])
     c = kernel_size // 2
     pad = dilation * c
@@ -117,6 +154,41 @@ class Conv2D(keras.layers.Conv2D):
         return conv2d_same(tf.convert_to_tensor(inputs), tf.convert_to_tensor(kernel), self.dilation_rate[0])
 
 
+def _batch_norm_by_reductions(x, gamma, beta, epsilon: float):
+    """Training-mode BatchNorm of NHWC `x`; returns (outputs, mean, biased variance).
+
+    The statistics are two reductions over all but the channel axis (the
+    mean, then the mean squared deviation from it), the output one
+    multiply-add per element, and the gradient TensorFlow's fused kernel
+    (`FusedBatchNormGradV3`, given the batch mean and biased variance, as the
+    fused forward kernel hands them on). Mean and variance are constants to
+    the tape here: the fused gradient already includes their dependence on x.
+    """
+    mean, variance = tf.nn.moments(x, axes=[0, 1, 2])
+
+    @tf.custom_gradient
+    def normalize(x, gamma, beta):
+        scale = gamma * tf.math.rsqrt(variance + epsilon)
+        outputs = x * scale + (beta - mean * scale)
+
+        def grad(dy):
+            dx, dgamma, dbeta, *_ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=dy,
+                x=x,
+                scale=gamma,
+                reserve_space_1=mean,
+                reserve_space_2=variance,
+                reserve_space_3=tf.zeros([0]),
+                epsilon=epsilon,
+                is_training=True,
+            )
+            return dx, dgamma, dbeta
+
+        return outputs, grad
+
+    return normalize(x, gamma, beta), mean, variance
+
+
 @keras.saving.register_keras_serializable(package="fcn_tf")
 class BatchNorm(keras.layers.BatchNormalization):
     """`keras.layers.BatchNormalization` whose training step is one fused kernel.
@@ -125,7 +197,10 @@ class BatchNorm(keras.layers.BatchNormalization):
     `batch_normalization`), several passes over every feature map;
     `tf.nn.fused_batch_norm` does the forward and the backward in one kernel
     each. Measured on the R50-D8 train step at 512x512: about 3% faster and
-    100-180 MB less peak memory (BENCHMARKS.md).
+    100-180 MB less peak memory (BENCHMARKS.md). Under oneDNN on a CPU, from
+    1024 channels, the forward is two reductions and one multiply-add
+    instead (`_batch_norm_by_reductions`; the backward stays fused): oneDNN's
+    fused forward is slow on such wide maps (-0.2 s per R50-D8 step).
 
     The moving statistics are updated exactly as Keras does (with the biased
     batch variance, so this path and Keras' synchronized one agree).
@@ -152,17 +227,16 @@ class BatchNorm(keras.layers.BatchNormalization):
             return super().call(inputs, training=training, mask=mask)
         # As Keras: statistics in float32 whatever the compute dtype.
         x = tf.cast(inputs, tf.float32)
-        outputs, mean, unbiased_variance, *_ = tf.compat.v1.nn.fused_batch_norm(
-            x,
-            tf.convert_to_tensor(self.gamma),
-            tf.convert_to_tensor(self.beta),
-            epsilon=self.epsilon,
-            data_format="NHWC",
-            is_training=True,
-        )
-        # The kernel returns the Bessel-corrected variance; Keras averages the biased one.
-        count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
-        variance = unbiased_variance * (count - 1.0) / tf.maximum(count, 1.0)
+        gamma, beta = tf.convert_to_tensor(self.gamma), tf.convert_to_tensor(self.beta)
+        if _onednn() and x.shape[-1] >= _ONEDNN_REDUCED_BN_MIN_CHANNELS:
+            outputs, mean, variance = _batch_norm_by_reductions(x, gamma, beta, self.epsilon)
+        else:
+            outputs, mean, unbiased_variance, *_ = tf.compat.v1.nn.fused_batch_norm(
+                x, gamma, beta, epsilon=self.epsilon, data_format="NHWC", is_training=True
+            )
+            # The kernel returns the Bessel-corrected variance; Keras averages the biased one.
+            count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+            variance = unbiased_variance * (count - 1.0) / tf.maximum(count, 1.0)
         self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
         self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
         return tf.cast(outputs, self.compute_dtype)

@@ -1,10 +1,15 @@
 """fcn_tf.models.layers: the convolution with hand-written gradients and the fused BatchNorm."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from fcn_tf.models import layers
 from fcn_tf.models.layers import BatchNorm, Conv2D, conv2d_same
 
 # (batch, height, width, in, out, kernel, dilation): odd and even sizes, 1x1,
@@ -23,8 +28,29 @@ def _relative(a, b):
     return float(tf.reduce_max(tf.abs(a - b)) / tf.reduce_max(tf.abs(b)))
 
 
+@pytest.fixture(params=["plain", "onednn"])
+def kernel_choices(request, monkeypatch):
+    """Runs a test with the kernel choices made without and with oneDNN.
+
+    The choices are taken from whether oneDNN runs (`layers._onednn`); both
+    sides compute the same values with any TensorFlow build, so both are
+    checked here on whatever kernels this process has. For "onednn" the
+    BatchNorm threshold drops to the tests' 8 channels.
+    """
+    onednn = request.param == "onednn"
+    monkeypatch.setattr(layers, "_onednn", lambda: onednn)
+    if onednn:
+        monkeypatch.setattr(layers, "_ONEDNN_REDUCED_BN_MIN_CHANNELS", 8)
+    return request.param
+
+
+def _op_types(fn, *args):
+    graph = tf.function(fn).get_concrete_function(*args).graph
+    return {op.type for op in graph.get_operations()}
+
+
 @pytest.mark.parametrize("n,h,w,c_in,c_out,k,d", CASES)
-def test_conv2d_same_matches_tensorflow_forward_and_gradients(n, h, w, c_in, c_out, k, d):
+def test_conv2d_same_matches_tensorflow_forward_and_gradients(n, h, w, c_in, c_out, k, d, kernel_choices):
     rng = np.random.default_rng(k * 10 + d)
     x = tf.constant(rng.normal(size=(n, h, w, c_in)).astype(np.float32))
     kernel = tf.constant(rng.normal(size=(k, k, c_in, c_out)).astype(np.float32))
@@ -119,7 +145,7 @@ def _batch_norm_pair():
     return fused, keras_bn
 
 
-def test_batch_norm_training_step_equals_keras():
+def test_batch_norm_training_step_equals_keras(kernel_choices):
     fused, keras_bn = _batch_norm_pair()
     rng = np.random.default_rng(8)
     x = tf.constant(rng.normal(2, 3, (4, 5, 6, 8)).astype(np.float32))
@@ -159,3 +185,53 @@ def test_batch_norm_falls_back_to_keras_where_it_cannot_fuse():
     frozen.build(x.shape)
     frozen.trainable = False
     assert not frozen._can_fuse(x, True, None)
+
+
+def test_kernel_choices_follow_onednn_and_channel_counts(monkeypatch):
+    def filter_grad_ops(c_in, c_out):
+        x = tf.zeros([1, 4, 4, c_in])
+        dy = tf.zeros([1, 4, 4, c_out])
+        return _op_types(lambda x, dy: layers._filter_grad(x, dy, 1, 1), x, dy)
+
+    def batch_norm_ops(channels):
+        layer = BatchNorm()
+        layer.build((None, None, None, channels))
+
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+            return tape.gradient(y, x)
+
+        return _op_types(step, tf.zeros([1, 2, 2, channels]))
+
+    wide = layers._ONEDNN_REDUCED_BN_MIN_CHANNELS
+    for onednn in (False, True):
+        monkeypatch.setattr(layers, "_onednn", lambda onednn=onednn: onednn)
+        # 1x1 filter gradients: oneDNN's conv kernel only for narrow products under oneDNN.
+        narrow = filter_grad_ops(1024, 256)
+        assert ("Conv2DBackpropFilter" in narrow) is onednn
+        assert ("MatMul" in narrow) is not onednn
+        assert "Conv2DBackpropFilter" not in filter_grad_ops(512, 512)
+        # BatchNorm: reductions + fused gradient only from `wide` channels under oneDNN.
+        assert "FusedBatchNormV3" in batch_norm_ops(wide // 2)
+        wide_ops = batch_norm_ops(wide)
+        assert ("FusedBatchNormV3" in wide_ops) is not onednn
+        assert "FusedBatchNormGradV3" in wide_ops
+
+
+@pytest.mark.skipif(os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "1", reason="this process already runs oneDNN")
+def test_layers_with_onednn_kernels():
+    # The training default on CPU (fcn_tf.runtime.prefer_onednn): the same
+    # tests in a process whose kernels, and so whose kernel choices, are oneDNN's.
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1")
+    code = "from fcn_tf.runtime import onednn_enabled; assert onednn_enabled()"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and " failed" not in out.stdout

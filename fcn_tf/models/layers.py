@@ -47,6 +47,11 @@ _ONEDNN_MATMUL_MIN_CHANNELS = 512
 # this many channels (2 x 64 x 64 x 2048, forward + backward: 78 vs 99 ms;
 # x 1024: 43 vs 52 ms; x 512 and below: no gain).
 _ONEDNN_REDUCED_BN_MIN_CHANNELS = 1024
+# The filter gradient gathers its k*k shifted output gradients one kernel row
+# at a time from this gathered width (k*k*out): 3x3 convs with 512+ output
+# channels, whose full copy is 151 MB at 2 x 64 x 64 (R50-D8 at 512x512,
+# batch 2). It was the training step's peak: -90 MB, time within noise.
+_FILTER_GRAD_ROWWISE_MIN_WIDTH = 9 * 512
 
 
 @functools.cache
@@ -55,7 +60,11 @@ def _onednn() -> bool:
 
 
 def _input_grad(dy, kernel, dilation: int):
-    flipped = tf.transpose(tf.reverse(kernel, axis=[0, 1]), [0, 1, 3, 2])
+    # The flipped kernel depends only on the weights: without the control
+    # dependency it is computed when the step starts and held until the
+    # backward pass reaches this layer (~90 MB at the R50-D8 training peak).
+    with tf.control_dependencies([dy]):
+        flipped = tf.transpose(tf.reverse(kernel, axis=[0, 1]), [0, 1, 3, 2])
     return tf.nn.convolution(dy, flipped, padding="SAME", dilations=dilation)
 
 
@@ -66,9 +75,10 @@ def _filter_grad(x, dy, kernel_size: int, dilation: int):
     the map, hence dw[t] = sum_q x[q]^T dy[q - d * (t - c)]. The input is
     flattened and transposed once; the output gradient is zero-padded and
     gathered into all k*k shifted copies side by side, (positions, k*k*out),
-    in one copy; then dw = x^T @ that, (in, k*k*out), reordered to the kernel
-    layout. One wide matmul runs near the machine's sgemm peak where k*k
-    narrow ones did not (oneDNN: 107 vs 165 GFLOP/s for 512 -> 512 channels
+    in one copy (one per kernel row for wide convs, to bound the memory);
+    then dw = x^T @ that, (in, k*k*out), reordered to the kernel layout. One
+    wide matmul runs near the machine's sgemm peak where k*k narrow ones did
+    not (oneDNN: 107 vs 165 GFLOP/s for 512 -> 512 channels
     at 64x64, 89 vs 173 for 1024 -> 256; BENCHMARKS.md).
     """
     c_in, c_out = x.shape[-1], dy.shape[-1]
@@ -98,11 +108,22 @@ def _filter_grad(x, dy, kernel_size: int, dilation: int):
     rows = (tf.range(batch)[:, None, None] * padded_h + tf.range(height)[None, :, None]) * padded_w
     rows = tf.reshape(rows + tf.range(width)[None, None, :], [-1, 1])
     taps = [(i, j) for i in range(kernel_size) for j in range(kernel_size)]
-    shift = tf.constant([dilation * (2 * c - i) for i, _ in taps]) * padded_w + tf.constant(
-        [dilation * (2 * c - j) for _, j in taps]
+    # Gathered one kernel row at a time when the copy is wide (with a control
+    # dependency, so one row's copy is freed before the next is made).
+    groups = kernel_size if len(taps) * c_out >= _FILTER_GRAD_ROWWISE_MIN_WIDTH else 1
+    per_group = len(taps) // groups
+    products = []
+    for group in range(groups):
+        group_taps = taps[group * per_group : (group + 1) * per_group]
+        shift = tf.constant([dilation * (2 * c - i) for i, _ in group_taps]) * padded_w + tf.constant(
+            [dilation * (2 * c - j) for _, j in group_taps]
+        )
+        with tf.control_dependencies(products[-1:]):
+            shifted = tf.gather(dy_padded, rows + shift[None, :])
+        products.append(tf.matmul(x_t, tf.reshape(shifted, [-1, len(group_taps) * c_out])))
+    dw = tf.reshape(
+        tf.concat(products, 1) if groups > 1 else products[0], [c_in, kernel_size, kernel_size, c_out]
     )
-    shifted = tf.reshape(tf.gather(dy_padded, rows + shift[None, :]), [-1, len(taps) * c_out])
-    dw = tf.reshape(tf.matmul(x_t, shifted), [c_in, kernel_size, kernel_size, c_out])
     return tf.transpose(dw, [1, 2, 0, 3])
 
 

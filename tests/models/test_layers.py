@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from graph_ops import ancestors
 
 from fcn_tf.models import layers
 from fcn_tf.models.layers import BatchNorm, Conv2D, conv2d_same
@@ -28,19 +29,22 @@ def _relative(a, b):
     return float(tf.reduce_max(tf.abs(a - b)) / tf.reduce_max(tf.abs(b)))
 
 
-@pytest.fixture(params=["plain", "onednn"])
+@pytest.fixture(params=["plain", "onednn", "rowwise"])
 def kernel_choices(request, monkeypatch):
-    """Runs a test with the kernel choices made without and with oneDNN.
+    """Runs a test with each of the layers' size-dependent kernel choices.
 
-    The choices are taken from whether oneDNN runs (`layers._onednn`); both
-    sides compute the same values with any TensorFlow build, so both are
-    checked here on whatever kernels this process has. For "onednn" the
-    BatchNorm threshold drops to the tests' 8 channels.
+    Two are taken from whether oneDNN runs (`layers._onednn`); both sides
+    compute the same values with any TensorFlow build, so both are checked
+    here on whatever kernels this process has. "onednn" also drops the
+    BatchNorm threshold to the tests' 8 channels; "rowwise" gathers every
+    filter gradient one kernel row at a time.
     """
     onednn = request.param == "onednn"
     monkeypatch.setattr(layers, "_onednn", lambda: onednn)
     if onednn:
         monkeypatch.setattr(layers, "_ONEDNN_REDUCED_BN_MIN_CHANNELS", 8)
+    if request.param == "rowwise":
+        monkeypatch.setattr(layers, "_FILTER_GRAD_ROWWISE_MIN_WIDTH", 1)
     return request.param
 
 
@@ -218,6 +222,38 @@ def test_kernel_choices_follow_onednn_and_channel_counts(monkeypatch):
         wide_ops = batch_norm_ops(wide)
         assert ("FusedBatchNormV3" in wide_ops) is not onednn
         assert "FusedBatchNormGradV3" in wide_ops
+
+
+def test_flipped_kernel_of_the_input_gradient_waits_for_the_output_gradient():
+    # It needs only the weights: made earlier, it would be computed when the
+    # step starts and held until the backward pass reaches the layer.
+    kernel = tf.zeros([3, 3, 2, 4])
+
+    def input_grad(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = conv2d_same(x, kernel, 2)
+        return tape.gradient(y, x, output_gradients=tf.multiply(tf.ones_like(y), 3.0, name="dy"))
+
+    graph = tf.function(input_grad).get_concrete_function(tf.zeros([1, 5, 5, 2])).graph
+    flips = [op for op in graph.get_operations() if op.type == "ReverseV2"]
+    assert len(flips) == 1
+    assert graph.get_operation_by_name("dy") in ancestors(flips[0])
+
+
+def test_wide_filter_gradients_are_gathered_one_kernel_row_at_a_time():
+    def gathers(c_out, k=3):
+        x, dy = tf.zeros([1, 4, 4, 2]), tf.zeros([1, 4, 4, c_out])
+        graph = tf.function(lambda x, dy: layers._filter_grad(x, dy, k, 1)).get_concrete_function(x, dy).graph
+        return [op for op in graph.get_operations() if op.type == "GatherV2"]
+
+    width = layers._FILTER_GRAD_ROWWISE_MIN_WIDTH
+    assert len(gathers(width // 9 - 1)) == 1
+    rowwise = gathers(width // 9)
+    assert len(rowwise) == 3
+    # Each row's copy waits for the previous row's product, so only one is alive.
+    waits = [{op.type for op in ancestors(gather)} for gather in rowwise]
+    assert ["MatMul" in types for types in waits] == [False, True, True]
 
 
 @pytest.mark.skipif(os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "1", reason="this process already runs oneDNN")

@@ -36,9 +36,9 @@ from fcn_tf.runtime import onednn_enabled
 
 # Kernel choices made only where oneDNN runs and no GPU is visible
 # (TF_ENABLE_ONEDNN_OPTS=1 is the training default on CPU, see
-# fcn_tf.runtime.prefer_onednn), from measurements
-# on the project's CPU at the R50-D8 shapes (BENCHMARKS.md). Both sides of
-# each choice compute the same values; only the speed differs.
+# fcn_tf.runtime.prefer_onednn), from measurements on the project's CPU at
+# the R50-D8 shapes (BENCHMARKS.md). Both sides of each choice compute the
+# same values; only the speed differs.
 # A 1x1 filter gradient is a plain matmul when both channel counts reach this
 # (157-170 GFLOP/s), else oneDNN's Conv2DBackpropFilter (113-136, where its
 # matmul gets 61-89; 1024 <-> 256 channels on 64x64: 37 vs 52-55 ms).
@@ -78,8 +78,8 @@ def _filter_grad(x, dy, kernel_size: int, dilation: int):
     in one copy (one per kernel row for wide convs, to bound the memory);
     then dw = x^T @ that, (in, k*k*out), reordered to the kernel layout. One
     wide matmul runs near the machine's sgemm peak where k*k narrow ones did
-    not (oneDNN: 107 vs 165 GFLOP/s for 512 -> 512 channels
-    at 64x64, 89 vs 173 for 1024 -> 256; BENCHMARKS.md).
+    not (oneDNN: 107 vs 165 GFLOP/s for 512 -> 512 channels at 64x64, 89 vs
+    173 for 1024 -> 256; BENCHMARKS.md).
     """
     c_in, c_out = x.shape[-1], dy.shape[-1]
     # Written as an explicit transpose; Grappler may fold it into the matmul
@@ -212,7 +212,7 @@ def _batch_norm_by_reductions(x, gamma, beta, epsilon: float):
 
 @keras.saving.register_keras_serializable(package="fcn_tf")
 class BatchNorm(keras.layers.BatchNormalization):
-    """`keras.layers.BatchNormalization` whose training step is one fused kernel.
+    """`keras.layers.BatchNormalization` whose training step runs as fused kernels.
 
     Keras 3 computes BatchNorm in training as separate ops (`moments`, then
     `batch_normalization`), several passes over every feature map;

@@ -11,3 +11,10 @@ def ancestors(op):
                 seen.add(parent)
                 stack.append(parent)
     return seen
+
+
+def traced_graph(fn, *args):
+    """The graph of `fn` traced by `tf.function` for `args`."""
+    import tensorflow as tf
+
+    return tf.function(fn).get_concrete_function(*args).graph

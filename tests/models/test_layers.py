@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from graph_ops import ancestors
+from graph_ops import ancestors, traced_graph
 
 from fcn_tf.models import layers
 from fcn_tf.models.layers import BatchNorm, Conv2D, conv2d_same
@@ -49,8 +49,7 @@ def kernel_choices(request, monkeypatch):
 
 
 def _op_types(fn, *args):
-    graph = tf.function(fn).get_concrete_function(*args).graph
-    return {op.type for op in graph.get_operations()}
+    return {op.type for op in traced_graph(fn, *args).get_operations()}
 
 
 @pytest.mark.parametrize("n,h,w,c_in,c_out,k,d", CASES)
@@ -235,7 +234,7 @@ def test_flipped_kernel_of_the_input_gradient_waits_for_the_output_gradient():
             y = conv2d_same(x, kernel, 2)
         return tape.gradient(y, x, output_gradients=tf.multiply(tf.ones_like(y), 3.0, name="dy"))
 
-    graph = tf.function(input_grad).get_concrete_function(tf.zeros([1, 5, 5, 2])).graph
+    graph = traced_graph(input_grad, tf.zeros([1, 5, 5, 2]))
     flips = [op for op in graph.get_operations() if op.type == "ReverseV2"]
     assert len(flips) == 1
     assert graph.get_operation_by_name("dy") in ancestors(flips[0])
@@ -244,7 +243,7 @@ def test_flipped_kernel_of_the_input_gradient_waits_for_the_output_gradient():
 def test_wide_filter_gradients_are_gathered_one_kernel_row_at_a_time():
     def gathers(c_out, k=3):
         x, dy = tf.zeros([1, 4, 4, 2]), tf.zeros([1, 4, 4, c_out])
-        graph = tf.function(lambda x, dy: layers._filter_grad(x, dy, k, 1)).get_concrete_function(x, dy).graph
+        graph = traced_graph(lambda x, dy: layers._filter_grad(x, dy, k, 1), x, dy)
         return [op for op in graph.get_operations() if op.type == "GatherV2"]
 
     width = layers._FILTER_GRAD_ROWWISE_MIN_WIDTH

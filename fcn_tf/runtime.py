@@ -29,6 +29,13 @@ def onednn_enabled() -> bool:
     return bool(_pywrap_util_port.IsMklEnabled())
 
 
+def accelerators_visible() -> bool:
+    """Whether TensorFlow sees a GPU or TPU (imports TensorFlow)."""
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU") + tf.config.list_physical_devices("TPU"))
+
+
 def set_inter_op_threads(threads: int) -> int:
     """Sizes TensorFlow's inter-op thread pool; returns the size set (0: TensorFlow's default).
 
@@ -49,8 +56,7 @@ def set_inter_op_threads(threads: int) -> int:
     if threads < -1:
         raise ValueError(f"inter-op threads must be >= -1 (-1: auto), got {threads}")
     if threads == -1:
-        accelerators = tf.config.list_physical_devices("GPU") + tf.config.list_physical_devices("TPU")
-        threads = 0 if accelerators else 1
+        threads = 0 if accelerators_visible() else 1
     if threads != tf.config.threading.get_inter_op_parallelism_threads():
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     return threads

@@ -32,9 +32,9 @@ import functools
 import keras
 import tensorflow as tf
 
-from fcn_tf.runtime import onednn_enabled
+from fcn_tf.runtime import accelerators_visible, onednn_enabled
 
-# Kernel choices made only where oneDNN runs and no GPU is visible
+# Kernel choices made only where oneDNN runs and no GPU or TPU is visible
 # (TF_ENABLE_ONEDNN_OPTS=1 is the training default on CPU, see
 # fcn_tf.runtime.prefer_onednn), from measurements on the project's CPU at
 # the R50-D8 shapes (BENCHMARKS.md). Both sides of each choice compute the
@@ -56,7 +56,7 @@ _FILTER_GRAD_ROWWISE_MIN_WIDTH = 9 * 512
 
 @functools.cache
 def _onednn() -> bool:
-    return onednn_enabled() and not tf.config.list_physical_devices("GPU")
+    return onednn_enabled() and not accelerators_visible()
 
 
 def _input_grad(dy, kernel, dilation: int):

@@ -83,7 +83,6 @@ class DataConfig:
       data_dir: where `scripts/prepare_data.py` wrote the TFDS datasets.
       train_split: TFDS split used for training.
       eval_split: TFDS split used for evaluation.
-      num_classes: classes in model space (labels 0..num_classes-1).
       ignore_label: label value excluded from loss and metric.
       crop_size: (h, w) of training crops.
       scale_target: (long, short) target of the random keep-ratio resize,
@@ -98,7 +97,6 @@ class DataConfig:
       std: per-channel normalization std.
       eval_target: (long, short) keep-ratio resize target at evaluation.
       global_batch_size: training images per step over all replicas.
-      eval_batch_size: evaluation images per replica.
       shuffle_buffer: examples in the shuffle buffer.
       seed: seed of shuffling and augmentation.
     """
@@ -107,7 +105,6 @@ class DataConfig:
     data_dir: str = "~/tensorflow_datasets"
     train_split: str = "train"
     eval_split: str = "validation"
-    num_classes: int = 21
     ignore_label: int = 255
     crop_size: tuple[int, int] = (512, 512)
     scale_target: tuple[int, int] = (2048, 512)
@@ -120,7 +117,6 @@ class DataConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     eval_target: tuple[int, int] = (2048, 512)
     global_batch_size: int = 16
-    eval_batch_size: int = 1
     shuffle_buffer: int = 1000
     seed: int = 0
 
@@ -148,7 +144,6 @@ class TrainerConfig:
 
     Attributes:
       train_steps: optimizer steps (iterations) in the whole run.
-      epochs: the reference's epochs, for the record (train_steps rules).
       aux_weight: weight of the auxiliary loss.
       precision: "float32", "mixed_bfloat16" or "mixed_float16".
       grad_accum_steps: micro-batches accumulated per optimizer step; the
@@ -171,7 +166,6 @@ class TrainerConfig:
     """
 
     train_steps: int = 1000
-    epochs: int = 0
     aux_weight: float = 0.4
     precision: str = "float32"
     grad_accum_steps: int = 1
@@ -234,17 +228,13 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     check(m.output_stride in OUTPUT_STRIDES, f"model.output_stride={m.output_stride} not in {OUTPUT_STRIDES}")
     check(m.stem in STEMS, f"model.stem={m.stem!r} not in {STEMS}")
     check(m.num_classes >= 2, f"model.num_classes={m.num_classes} must be >= 2")
-    check(
-        m.num_classes == d.num_classes,
-        f"model.num_classes={m.num_classes} != data.num_classes={d.num_classes}",
-    )
     check(m.head_num_convs >= 0, f"model.head_num_convs={m.head_num_convs} must be >= 0")
     check(m.head_channels > 0 and m.aux_channels > 0, "model head/aux channels must be positive")
     check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     check(d.dataset in DATASETS, f"data.dataset={d.dataset!r} not in {DATASETS}")
     check(
-        0 <= d.ignore_label <= 255 and d.ignore_label >= d.num_classes,
-        f"data.ignore_label={d.ignore_label} must be in [num_classes, 255]",
+        0 <= d.ignore_label <= 255 and d.ignore_label >= m.num_classes,
+        f"data.ignore_label={d.ignore_label} must be in [model.num_classes={m.num_classes}, 255]",
     )
     for field in ("crop_size", "scale_target", "eval_target"):
         v = getattr(d, field)
@@ -257,7 +247,7 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
         "data.mean/std need 3 values, std > 0",
     )
-    check(d.global_batch_size >= 1 and d.eval_batch_size >= 1, "data batch sizes must be >= 1")
+    check(d.global_batch_size >= 1, f"data.global_batch_size={d.global_batch_size} must be >= 1")
     check(
         o.base_lr > 0 and 0 <= o.min_lr <= o.base_lr,
         "optimizer lr: need 0 <= min_lr <= base_lr, base_lr > 0",
@@ -384,31 +374,63 @@ WORKDIR_CONFIG = "config.json"
 
 
 def read_workdir_config(workdir: str | None) -> ExperimentConfig | None:
-    """The config a training run wrote to `WORKDIR/config.json`, or None if there is none."""
+    """The config a training run wrote to `WORKDIR/config.json`, or None if there is none.
+
+    Raises:
+      ConfigError: the file is not valid JSON or holds keys this version of
+        fcn_tf does not know (the message names the file and the keys).
+    """
     if not workdir:
         return None
     path = os.path.join(os.path.expanduser(workdir), WORKDIR_CONFIG)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return from_dict(json.load(f))
+    try:
+        with open(path) as f:
+            values = json.load(f)
+        return from_dict(values)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def from_dict(values: dict[str, Any]) -> ExperimentConfig:
-    """Rebuilds a config written by `to_json` (lists become tuples)."""
+    """Rebuilds a config written by `to_json` (lists become tuples).
 
-    def build(cls, vals):
+    Strict: a key the schema does not have is an error, not silently
+    dropped, so a config written by another version of fcn_tf (or edited by
+    hand with a typo) is never half-read. Keys the dict leaves out take
+    their defaults.
+
+    Args:
+      values: a dict of the shape `to_dict` returns.
+
+    Raises:
+      ConfigError: unknown keys (all of them, dotted) or a missing `name`.
+    """
+    unknown = []
+
+    def build(cls, vals, prefix):
         hints = typing.get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown.extend(f"{prefix}{key}" for key in vals if key not in fields)
         kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in vals:
-                continue
-            v, hint = vals[f.name], hints[f.name]
+        for name in fields & set(vals):
+            v, hint = vals[name], hints[name]
             if dataclasses.is_dataclass(hint):
-                v = build(hint, v)
+                v = build(hint, v, f"{prefix}{name}.")
             elif isinstance(v, list):
                 v = tuple(v)
-            kwargs[f.name] = v
-        return cls(**kwargs)
+            kwargs[name] = v
+        return None if unknown else cls(**kwargs)
 
-    return build(ExperimentConfig, values)
+    if "name" not in values:
+        raise ConfigError("the config has no 'name'")
+    config = build(ExperimentConfig, values, "")
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(sorted(unknown))} (written by another version of fcn_tf?); "
+            f"valid keys: {', '.join(_leaf_keys(ExperimentConfig(name='')))}"
+        )
+    return config

@@ -26,45 +26,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from fcn_tf import inference
+from fcn_tf import inference, visualize
 from fcn_tf.config import ExperimentConfig
+from fcn_tf.data import classes
 from fcn_tf.metrics import ConfusionMatrix, confusion_matrix_update
-
-
-def class_names_of(config: ExperimentConfig) -> list[str]:
-    """The dataset's class names, or the class indices when they do not fit `num_classes`."""
-    num_classes = config.data.num_classes
-    try:
-        from fcn_tf.data.classes import class_names
-
-        names = list(class_names(config.data.dataset))
-    except (ImportError, KeyError):
-        names = []
-    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
-
-
-def palette_of(config: ExperimentConfig) -> np.ndarray:
-    """The dataset's uint8 (C, 3) palette; a fixed pseudo-random one when it has none that fits."""
-    try:
-        from fcn_tf.data.classes import palette
-
-        colours = np.asarray(palette(config.data.dataset), np.uint8)
-        if colours.shape == (config.data.num_classes, 3):
-            return colours
-    except (ImportError, KeyError):
-        pass
-    return np.random.default_rng(0).integers(0, 256, (config.data.num_classes, 3), dtype=np.uint8)
-
-
-def cityscapes_label_ids() -> np.ndarray:
-    """uint8 (19,): Cityscapes train id -> official label id (cityscapesscripts' labels.py)."""
-    from fcn_tf.data.cityscapes import LABELS
-
-    table = np.zeros(19, np.uint8)
-    for _, label_id, train_id in LABELS:
-        if train_id != 255:
-            table[train_id] = label_id
-    return table
 
 
 def _file_stem(image_id: str, index: int) -> str:
@@ -94,7 +59,7 @@ def save_prediction(
     """
     stem = _file_stem(image_id, index)
     prediction = np.asarray(prediction)
-    outputs = [("color", palette[prediction])]
+    outputs = [("color", visualize.colorize(prediction, palette))]
     if label_ids is not None:
         outputs.append(("labelIds", np.asarray(label_ids, np.uint8)[prediction][..., None]))
     paths = []
@@ -155,12 +120,12 @@ def make_eval_step(
 
     Args:
       model: segmenter returning {"logits": ...}.
-      config: the experiment (data.num_classes, data.ignore_label, eval).
+      config: the experiment (model.num_classes, data.ignore_label, eval).
       strategy: the strategy the distributed dataset belongs to.
       element_spec: the distributed dataset's element spec (one trace for all sizes).
       with_predictions: also return each replica's uint8 argmax (N, H, W).
     """
-    num_classes, ignore_label = config.data.num_classes, config.data.ignore_label
+    num_classes, ignore_label = config.model.num_classes, config.data.ignore_label
     logits_fn = inference.model_logits_fn(model)
 
     def replica_step(batch):
@@ -225,12 +190,12 @@ def evaluate(
       `seconds` and `examples_per_second`.
     """
     strategy = strategy or tf.distribute.get_strategy()
-    num_classes = config.data.num_classes
+    num_classes = config.model.num_classes
     dist_dataset = strategy.distribute_datasets_from_function(_dataset_fn(dataset, config, max_examples))
     save = bool(save_predictions_dir)
     step = make_eval_step(model, config, strategy, dist_dataset.element_spec, with_predictions=save)
-    palette = palette_of(config) if save else None
-    label_ids = cityscapes_label_ids() if save and config.data.dataset == "cityscapes" else None
+    palette = classes.palette_for(config.data.dataset, num_classes) if save else None
+    label_ids = classes.cityscapes_label_ids() if save and config.data.dataset == "cityscapes" else None
 
     matrix = ConfusionMatrix(num_classes, config.data.ignore_label)
     examples, steps, saved, start = 0, 0, 0, time.perf_counter()
@@ -256,7 +221,7 @@ def evaluate(
         raise ValueError(f"the evaluation dataset of {config.name!r} yielded no examples")
     result = matrix.result()
     result.update(
-        class_names=class_names_of(config),
+        class_names=classes.class_names_for(config.data.dataset, num_classes),
         confusion_matrix=matrix.matrix.copy(),
         num_examples=examples,
         seconds=seconds,

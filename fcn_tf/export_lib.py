@@ -404,14 +404,9 @@ def class_info(config, class_names=None, palette=None):
 
     n = config.model.num_classes
     if class_names is None:
-        class_names = classes.class_names(config.data.dataset)
-        if len(class_names) != n:
-            # e.g. a test config with fewer classes than its dataset.
-            class_names = [f"class_{i}" for i in range(n)]
+        class_names = classes.class_names_for(config.data.dataset, n)
     if palette is None:
-        palette = classes.palette(config.data.dataset)
-        if len(palette) != n:
-            palette = classes.voc_colormap(n)
+        palette = classes.palette_for(config.data.dataset, n)
     class_names = [str(name) for name in class_names]
     palette = np.asarray(palette)
     if len(class_names) != n:

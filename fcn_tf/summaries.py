@@ -16,6 +16,8 @@ import resource
 import numpy as np
 import tensorflow as tf
 
+from fcn_tf import visualize
+
 TRAIN_SCALAR_TAGS = (
     "loss/total",
     "loss/main",
@@ -27,32 +29,11 @@ TRAIN_SCALAR_TAGS = (
     "perf/peak_memory_mb",
 )
 IMAGE_TAGS = ("images/input", "images/ground_truth", "images/prediction")
-IGNORE_COLOR = (255, 255, 255)
 
 
 def summary_dir(workdir: str, name: str) -> str:
     """WORKDIR/tensorboard/<name>: one run per writer, `tensorboard --logdir WORKDIR`."""
     return os.path.join(workdir, "tensorboard", name)
-
-
-def colorize(labels: tf.Tensor, palette: np.ndarray, ignore_label: int = 255) -> tf.Tensor:
-    """Maps class ids to RGB with the dataset palette.
-
-    Args:
-      labels: (N, H, W) integer ids; `ignore_label` (and any id outside the
-        palette) is drawn in white.
-      palette: (num_classes, 3) uint8 colours, e.g. `fcn_tf.data.classes.palette(name)`.
-      ignore_label: the ignore value.
-
-    Returns:
-      (N, H, W, 3) uint8.
-    """
-    palette = np.asarray(palette, np.uint8).reshape(-1, 3)
-    table = tf.constant(np.concatenate([palette, np.array([IGNORE_COLOR], np.uint8)]), tf.uint8)
-    labels = tf.cast(labels, tf.int32)
-    out_of_range = tf.logical_or(labels < 0, labels >= palette.shape[0])
-    index = tf.where(tf.logical_or(out_of_range, labels == ignore_label), palette.shape[0], labels)
-    return tf.gather(table, index)
 
 
 def denormalize(images: tf.Tensor, mean, std) -> tf.Tensor:
@@ -89,7 +70,6 @@ def write_segmentation_images(
     palette: np.ndarray,
     mean,
     std,
-    ignore_label: int = 255,
     max_outputs: int = 3,
 ) -> None:
     """Writes input, ground truth and prediction images, coloured with `palette`.
@@ -103,16 +83,15 @@ def write_segmentation_images(
       palette: (num_classes, 3) uint8.
       mean: normalization mean (to show the input as seen by a person).
       std: normalization std.
-      ignore_label: drawn white in the ground truth.
       max_outputs: images per tag.
     """
     with writer.as_default(step=step):
         tf.summary.image("images/input", denormalize(images, mean, std), max_outputs=max_outputs)
         tf.summary.image(
-            "images/ground_truth", colorize(labels, palette, ignore_label), max_outputs=max_outputs
+            "images/ground_truth", visualize.colorize(np.asarray(labels), palette), max_outputs=max_outputs
         )
         tf.summary.image(
-            "images/prediction", colorize(predictions, palette, ignore_label), max_outputs=max_outputs
+            "images/prediction", visualize.colorize(np.asarray(predictions), palette), max_outputs=max_outputs
         )
     writer.flush()
 

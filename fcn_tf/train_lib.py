@@ -330,14 +330,14 @@ def _write_images(writer, step, model, batch, config, palette):
         palette,
         config.data.mean,
         config.data.std,
-        config.data.ignore_label,
     )
 
 
 def _palette(config):
-    from fcn_tf.eval_lib import class_names_of, palette_of
+    from fcn_tf.data import classes
 
-    return palette_of(config), class_names_of(config)
+    n = config.model.num_classes
+    return classes.palette_for(config.data.dataset, n), classes.class_names_for(config.data.dataset, n)
 
 
 def _format_eta(seconds: float) -> str:

@@ -1,15 +1,17 @@
 """Pictures of label maps: colourize with a palette, blend over the image (numpy).
 
-Label values that are not a class (the ignore label 255, the export's
-padding -1) are drawn in `unknown_color`, so a picture never hides them
-under a class colour.
+The one `colorize` of the project: TensorBoard's images, evaluation PNGs
+and predict's pictures all use it. Label values that are not a class (the
+ignore label 255, the export's padding -1) are drawn in `UNKNOWN_COLOR`,
+white, so a picture never hides them under a class colour (class 0 of
+VOC and the synthetic set is black).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-UNKNOWN_COLOR = (0, 0, 0)
+UNKNOWN_COLOR = (255, 255, 255)
 
 
 def colorize(labels, palette, unknown_color=UNKNOWN_COLOR) -> np.ndarray:

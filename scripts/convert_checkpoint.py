@@ -26,20 +26,21 @@ flags.DEFINE_string("experiment", None, "Experiment whose model the weights are 
 flags.DEFINE_string("input", None, "Checkpoint to convert (.pth, .npz, .safetensors).", required=True)
 flags.DEFINE_string("output", None, "Where to write the Keras weights (*.weights.h5).", required=True)
 flags.DEFINE_enum("kind", "auto", ["auto", "fcn", "backbone"], "Checkpoint kind; auto looks at the keys.")
-flags.DEFINE_multi_string("override", [], "Config overrides, e.g. model.num_classes=19.")
+flags.DEFINE_multi_string(
+    "override", [], "Config overrides key=value, e.g. model.output_stride=16 (repeatable)."
+)
 
 
 def main(argv):
     del argv
     try:
-        config = config_lib.override(experiments.get(FLAGS.experiment), *FLAGS.override)
-        config_lib.validate(config)
+        config = experiments.resolve(FLAGS.experiment, overrides=FLAGS.override)
         output = os.path.expanduser(FLAGS.output)
         summary = convert.convert_checkpoint(
             config.model, os.path.expanduser(FLAGS.input), output, FLAGS.kind
         )
-    except (KeyError, config_lib.ConfigError, convert.ConversionError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
+    except (config_lib.ConfigError, convert.ConversionError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
     print(f"converted {summary['converted']} tensors ({summary['kind']} checkpoint) -> {output}")
     if summary["skipped"]:
         print(

@@ -48,65 +48,28 @@ _STRATEGY = flags.DEFINE_string(
 )
 
 
-def resolve_config(
-    name: str,
-    workdir: str | None = None,
-    overrides: list[str] = (),
-    mode: str | None = None,
-    scales: list[str] | None = None,
-    flip: bool | None = None,
-    data_dir: str | None = None,
-) -> config_lib.ExperimentConfig:
-    """The experiment to evaluate.
-
-    Args:
-      name: registered experiment name.
-      workdir: when it holds the `config.json` training wrote, that resolved
-        config is used (it must be of experiment `name`).
-      overrides: "key=value" config overrides, applied next.
-      mode, scales, flip, data_dir: the eval flags, applied last when given.
-
-    Raises:
-      KeyError: unknown experiment (the message lists the valid ones).
-      ValueError: the workdir's config is of another experiment, or a bad
-        override (`ConfigError`).
-    """
-    config = experiments.get(name)
-    saved = config_lib.read_workdir_config(workdir)
-    if saved is not None:
-        if saved.name != name:
-            raise ValueError(f"{workdir} was trained with experiment {saved.name!r}, not {name!r}")
-        logging.info("Using the training config in %s", workdir)
-        config = saved
-    flag_overrides = []
+def eval_overrides(mode=None, scales=None, flip=None, data_dir=None) -> list[str]:
+    """The eval flags as config overrides, applied after --override."""
+    assignments = []
     if mode:
-        flag_overrides.append(f"eval.mode={mode}")
+        assignments.append(f"eval.mode={mode}")
     if scales:
-        flag_overrides.append(f"eval.scales={','.join(scales)}")
+        assignments.append(f"eval.scales={','.join(scales)}")
     if flip is not None:
-        flag_overrides.append(f"eval.flip={flip}")
+        assignments.append(f"eval.flip={flip}")
     if data_dir:
-        flag_overrides.append(f"data.data_dir={data_dir}")
-    return config_lib.validate(config_lib.override(config, *overrides, *flag_overrides))
+        assignments.append(f"data.data_dir={data_dir}")
+    return assignments
 
 
 def main(argv):
     del argv
     if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
         sys.exit("error: give exactly one of --workdir or --checkpoint")
+    flag_overrides = eval_overrides(_MODE.value, _SCALES.value, _FLIP.value, _DATA_DIR.value)
     try:
-        config = resolve_config(
-            _EXPERIMENT.value,
-            _WORKDIR.value,
-            _OVERRIDE.value,
-            mode=_MODE.value,
-            scales=_SCALES.value,
-            flip=_FLIP.value,
-            data_dir=_DATA_DIR.value,
-        )
-    except KeyError as e:
-        sys.exit(f"error: {e.args[0]}")
-    except (config_lib.ConfigError, ValueError) as e:
+        config = experiments.resolve(_EXPERIMENT.value, _WORKDIR.value, [*_OVERRIDE.value, *flag_overrides])
+    except config_lib.ConfigError as e:
         sys.exit(f"error: {e}")
 
     # TensorFlow is imported only now, so that bad arguments are reported at once.

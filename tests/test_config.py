@@ -1,6 +1,7 @@
 """Experiments: every one builds and validates; overrides reject what they should."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 
 import experiments
 from fcn_tf import config as config_lib
+from fcn_tf.config import ConfigError, from_dict, override, read_workdir_config, to_dict, to_json
 from fcn_tf.models import build_fcn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +28,7 @@ def test_every_experiment_validates_and_builds(name):
     assert config.name == name and config.description
     model = build_fcn(config.model)
     out = model(np.zeros((1, 33, 41, 3), np.float32), training=False)
-    assert out["logits"].shape == (1, 33, 41, config.data.num_classes)
+    assert out["logits"].shape == (1, 33, 41, config.model.num_classes)
 
 
 @pytest.mark.parametrize(
@@ -52,8 +54,44 @@ def test_reference_recipe(name, classes, crop, batch, steps):
 
 
 def test_unknown_experiment_lists_choices():
-    with pytest.raises(KeyError, match="voc_r50_os8"):
+    with pytest.raises(ConfigError, match="voc_r50_os8"):
         experiments.get("voc_r50_os4")
+
+
+def test_registry_names_every_experiment_literally():
+    # `grep voc_r50_os8 experiments/` must find the experiment: one function per name.
+    source = open(experiments.__file__).read()
+    for name, make in experiments.EXPERIMENTS.items():
+        assert make.__name__ == name and f'"{name}": {name},' in source
+        assert experiments.get(name).name == name
+
+
+def test_resolve_starts_from_the_workdir_config_and_refuses_another_experiment(tmp_path):
+    base = experiments.get("synthetic_r18_os8")
+    assert experiments.resolve("synthetic_r18_os8") == base
+    trained = override(base, "model.head_channels=32")
+    (tmp_path / "config.json").write_text(to_json(trained))
+    resolved = experiments.resolve("synthetic_r18_os8", str(tmp_path), ["trainer.train_steps=3"])
+    assert resolved.model == trained.model and resolved.trainer.train_steps == 3
+    with pytest.raises(
+        ConfigError, match="trained with experiment 'synthetic_r18_os8', not 'synthetic_r50_os8'"
+    ):
+        experiments.resolve("synthetic_r50_os8", str(tmp_path))
+
+
+def test_from_dict_is_strict(tmp_path):
+    values = to_dict(experiments.get("synthetic_r18_os8"))
+    assert from_dict(json.loads(json.dumps(values))) == experiments.get("synthetic_r18_os8")
+    values["data"]["num_classes"] = 5  # a key of an older fcn_tf
+    values["trainer"]["epochs"] = 3
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) data.num_classes, trainer.epochs"):
+        from_dict(values)
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    with pytest.raises(ConfigError, match="config.json: unknown config key"):
+        read_workdir_config(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        read_workdir_config(str(tmp_path))
 
 
 def test_override_parses_types_and_rejects_unknown_keys():
@@ -83,10 +121,10 @@ def test_override_parses_types_and_rejects_unknown_keys():
 
 def test_validate_reports_inconsistent_values():
     c = experiments.get("voc_r50_os8")
-    bad = dataclasses.replace(c, model=dataclasses.replace(c.model, output_stride=4, num_classes=20))
+    bad = dataclasses.replace(c, model=dataclasses.replace(c.model, output_stride=4, num_classes=300))
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.validate(bad)
-    assert "output_stride=4" in str(e.value) and "num_classes=20" in str(e.value)
+    assert "output_stride=4" in str(e.value) and "model.num_classes=300, 255]" in str(e.value)
     with pytest.raises(config_lib.ConfigError, match="inter_op_threads=-2"):
         config_lib.validate(config_lib.override(c, "trainer.inter_op_threads=-2"))
 

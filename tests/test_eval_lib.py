@@ -15,6 +15,7 @@ import tensorflow as tf
 import experiments
 from fcn_tf import eval_lib, inference
 from fcn_tf.config import override
+from fcn_tf.data import classes
 from fcn_tf.metrics import ConfusionMatrix
 
 SIZES = [((6, 9), (11, 17)), ((8, 8), (8, 8)), ((7, 5), (13, 10)), ((9, 12), (9, 12)), ((5, 10), (10, 19))]
@@ -56,14 +57,14 @@ def as_dataset(items):
 
 def expected_matrix(model, items, config):
     """The eager reference: predict each example, argmax, count."""
-    cm = ConfusionMatrix(config.data.num_classes)
+    cm = ConfusionMatrix(config.model.num_classes)
     for item in items:
         scores = inference.predict(
             inference.model_logits_fn(model),
             item["image"],
             item["label"].shape[1:3],
             config.eval,
-            config.data.num_classes,
+            config.model.num_classes,
         )
         cm.update(item["label"], tf.argmax(scores, -1))
     return cm.matrix
@@ -112,13 +113,13 @@ def test_max_examples_and_dataset_callable():
 
 
 def test_save_predictions_colour_and_cityscapes_label_ids(tmp_path):
-    config = config_for("data.dataset=cityscapes", "data.num_classes=19", "model.num_classes=19")
+    config = config_for("data.dataset=cityscapes", "model.num_classes=19")
     model = tiny_model(19)
     items = examples(19, SIZES[:2])
     result = eval_lib.evaluate(model, as_dataset(items), config, save_predictions_dir=str(tmp_path))
     assert result["class_names"][0] == "road" and result["num_examples"] == 2
-    palette = eval_lib.palette_of(config)
-    label_ids = eval_lib.cityscapes_label_ids()
+    palette = classes.palette_for("cityscapes", 19)
+    label_ids = classes.cityscapes_label_ids()
     assert label_ids.tolist() == [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
     for i, item in enumerate(items):
         scores = inference.predict_whole(

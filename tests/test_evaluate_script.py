@@ -134,27 +134,23 @@ def test_script_rejects_bad_arguments(tmp_path):
     assert proc.returncode != 0 and "unknown config key 'eval.nope'" in proc.stderr
 
 
-def test_resolve_config_prefers_the_workdir_config_then_overrides_then_flags(tmp_path):
-    resolve_config = load_script().resolve_config
+def test_workdir_config_then_overrides_then_eval_flags(tmp_path):
+    eval_overrides = load_script().eval_overrides
+    flags = eval_overrides(mode="slide", scales=["0.5", "1.0"], data_dir="/data")
     base = experiments.get("synthetic_r18_os8")
-    assert resolve_config("synthetic_r18_os8") == base
     trained = override(base, *MODEL_OVERRIDES, "eval.flip=true")
     (tmp_path / "config.json").write_text(to_json(trained))
-    config = resolve_config(
-        "synthetic_r18_os8", str(tmp_path), ["eval.window_batch=2", "eval.mode=whole"], mode="slide",
-        scales=["0.5", "1.0"], data_dir="/data",
-    )  # fmt: skip
+    config = experiments.resolve(
+        "synthetic_r18_os8", str(tmp_path), ["eval.window_batch=2", "eval.mode=whole", *flags]
+    )
     assert config.model == trained.model  # the heads the checkpoint was trained with
     assert config.eval.flip and config.eval.window_batch == 2
     assert config.eval.mode == "slide" and config.eval.scales == (0.5, 1.0)  # flags win over --override
     assert config.data.data_dir == "/data"
-    assert not resolve_config("synthetic_r18_os8", str(tmp_path), flip=False).eval.flip
-    with pytest.raises(
-        ValueError, match="trained with experiment 'synthetic_r18_os8', not 'synthetic_r50_os8'"
-    ):
-        resolve_config("synthetic_r50_os8", str(tmp_path))
+    unflipped = experiments.resolve("synthetic_r18_os8", str(tmp_path), eval_overrides(flip=False))
+    assert not unflipped.eval.flip
     with pytest.raises(ConfigError, match="eval.mode"):
-        resolve_config("synthetic_r18_os8", mode="tiles")
+        experiments.resolve("synthetic_r18_os8", overrides=eval_overrides(mode="tiles"))
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
             train_steps=4, log_every=2, checkpoint_every=4, image_summary_every=2, eval_every=2
         ),
     )
-    config = override(config, "data.global_batch_size=4", "data.num_classes=3", "data.dataset=synthetic")
+    config = override(config, "data.global_batch_size=4", "data.dataset=synthetic")
     result = train_lib.train(
         config,
         workdir,
@@ -64,17 +64,6 @@ def test_eval_event_file_has_miou_accuracy_and_per_class_iou(trained):
     assert [e.step for e in accumulator.Tensors("eval/mIoU")] == [2, 4]
     final = float(tf.make_ndarray(accumulator.Tensors("eval/mIoU")[-1].tensor_proto))
     assert final == pytest.approx(result["eval"]["miou"], rel=1e-6)
-
-
-def test_colorize_uses_palette_and_white_for_ignore():
-    palette = np.array([[10, 20, 30], [40, 50, 60]], np.uint8)
-    labels = tf.constant([[[0, 1], [255, 7]]])
-    colours = summaries.colorize(labels, palette).numpy()
-    assert colours.dtype == np.uint8 and colours.shape == (1, 2, 2, 3)
-    np.testing.assert_array_equal(colours[0, 0, 0], [10, 20, 30])
-    np.testing.assert_array_equal(colours[0, 0, 1], [40, 50, 60])
-    np.testing.assert_array_equal(colours[0, 1, 0], [255, 255, 255])
-    np.testing.assert_array_equal(colours[0, 1, 1], [255, 255, 255])  # out of the palette
 
 
 def test_denormalize_inverts_normalization():

@@ -30,7 +30,7 @@ def _train(workdir, config=None, dataset_fn=None, **kwargs):
     from fcn_tf.config import override
 
     config = config or _config()
-    config = override(config, "data.global_batch_size=4", "data.num_classes=3")
+    config = override(config, "data.global_batch_size=4")
     return train_lib.train(
         config,
         str(workdir),

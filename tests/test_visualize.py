@@ -66,3 +66,12 @@ def test_overlay_rejects_mismatched_sizes_and_alpha():
         visualize.overlay(np.zeros((2, 3, 3), np.uint8), np.zeros((3, 2), np.int32), PALETTE)
     with pytest.raises(ValueError, match="alpha"):
         visualize.overlay(np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.int32), PALETTE, alpha=1.5)
+
+
+def test_default_colour_of_non_classes_is_white_as_in_tensorboard_and_predict():
+    # One colorize for every picture: ignore (255) and out-of-palette values are white.
+    palette = np.array([[10, 20, 30], [40, 50, 60]], np.uint8)
+    colours = visualize.colorize(np.array([[[0, 1], [255, 7]]]), palette)
+    assert colours.dtype == np.uint8 and colours.shape == (1, 2, 2, 3)
+    np.testing.assert_array_equal(colours[0, 0], [[10, 20, 30], [40, 50, 60]])
+    np.testing.assert_array_equal(colours[0, 1], [[255, 255, 255], [255, 255, 255]])

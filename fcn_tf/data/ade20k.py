@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fcn_tf.data import validate
+from fcn_tf.data import classes, validate
 from fcn_tf.data.builder import SegmentationBuilder, SplitListing, first_existing
 from fcn_tf.data.validate import RawExample
 
-NUM_CLASSES = 150
+NUM_CLASSES = classes.num_classes("ade20k")
 LABEL_TABLE = validate.lookup_table({0: 255, **{k: k - 1 for k in range(1, NUM_CLASSES + 1)}})
 
 LAYOUT = "RAW/ADEChallengeData2016/{images,annotations}/{training,validation}"
@@ -56,7 +56,7 @@ class Ade20k(SegmentationBuilder):
     NUM_CLASSES = NUM_CLASSES
     LABEL_TABLE = LABEL_TABLE
     IMAGE_FORMAT = "jpeg"
-    EXPECTED_COUNTS = {"train": 20210, "validation": 2000}
+    EXPECTED_COUNTS = classes.SPLIT_SIZES["ade20k"]
     DESCRIPTION = (
         "ADE20k scene parsing (ADEChallengeData2016): training (20,210), validation (2,000), 150 classes."
     )

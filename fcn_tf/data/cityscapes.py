@@ -29,50 +29,14 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from fcn_tf.data import strips, validate
+from fcn_tf.data import classes, strips, validate
 from fcn_tf.data.builder import SegmentationBuilder, SplitListing
 from fcn_tf.data.validate import BadExampleError, RawExample
 
-NUM_CLASSES = 19
+NUM_CLASSES = classes.num_classes("cityscapes")
 
-# (name, label id, train id) of every Cityscapes label; train id 255 = ignored.
-LABELS = (
-    ("unlabeled", 0, 255),
-    ("ego vehicle", 1, 255),
-    ("rectification border", 2, 255),
-    ("out of roi", 3, 255),
-    ("static", 4, 255),
-    ("dynamic", 5, 255),
-    ("ground", 6, 255),
-    ("road", 7, 0),
-    ("sidewalk", 8, 1),
-    ("parking", 9, 255),
-    ("rail track", 10, 255),
-    ("building", 11, 2),
-    ("wall", 12, 3),
-    ("fence", 13, 4),
-    ("guard rail", 14, 255),
-    ("bridge", 15, 255),
-    ("tunnel", 16, 255),
-    ("pole", 17, 5),
-    ("polegroup", 18, 255),
-    ("traffic light", 19, 6),
-    ("traffic sign", 20, 7),
-    ("vegetation", 21, 8),
-    ("terrain", 22, 9),
-    ("sky", 23, 10),
-    ("person", 24, 11),
-    ("rider", 25, 12),
-    ("car", 26, 13),
-    ("truck", 27, 14),
-    ("bus", 28, 15),
-    ("caravan", 29, 255),
-    ("trailer", 30, 255),
-    ("train", 31, 16),
-    ("motorcycle", 32, 17),
-    ("bicycle", 33, 18),
-    ("license plate", -1, 255),
-)
+# (name, label id, train id) of every Cityscapes label (kept with the other metadata).
+LABELS = classes.CITYSCAPES_LABELS
 
 # -1 (license plate) is stored as 255 in an 8-bit PNG.
 LABEL_TABLE = validate.lookup_table({label_id % 256: train_id for _, label_id, train_id in LABELS})
@@ -180,7 +144,7 @@ class Cityscapes(SegmentationBuilder):
     NUM_CLASSES = NUM_CLASSES
     LABEL_TABLE = LABEL_TABLE
     IMAGE_FORMAT = "png"
-    EXPECTED_COUNTS = {"train": 2975, "validation": 500}
+    EXPECTED_COUNTS = classes.SPLIT_SIZES["cityscapes"]
     DESCRIPTION = "Cityscapes fine annotations: train (2,975), val (500), 19 train ids."
     HOMEPAGE = "https://www.cityscapes-dataset.com/"
     MANUAL_DOWNLOAD_INSTRUCTIONS = (

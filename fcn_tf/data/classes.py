@@ -1,10 +1,15 @@
-"""Class names and display palettes of each dataset, in model space.
+"""Dataset metadata: class names, display palettes, split sizes, Cityscapes id tables.
+
+The one home of these facts: the builders, the experiments, TensorBoard,
+evaluation PNGs, the export's assets and predict all read them here.
 
 Index i of `class_names(dataset)` / `palette(dataset)` is model class i
 (the ignore label 255 is not a class). Names and colours follow the usual
 references: the PASCAL VOC development kit colour map, mmsegmentation's
 ADE20k table (150 classes, "other" removed by the k -> k-1 shift) and the
-Cityscapes scripts' train-id colours.
+Cityscapes scripts' train-id colours. A model trained with another number
+of classes than its dataset has (a subset, a test) gets generic names and
+the VOC colour map from `class_names_for` / `palette_for`.
 """
 
 from __future__ import annotations
@@ -70,12 +75,32 @@ _ADE20K_PALETTE = (
     (0, 133, 255), (255, 214, 0), (25, 194, 194), (102, 255, 0), (92, 0, 255),
 )  # fmt: skip
 
-# Cityscapes train ids 0..18 with the colours of cityscapesscripts' labels.py.
-CITYSCAPES_NAMES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
-    "bicycle",
+# Examples per split of the real datasets (the builders check them; the
+# experiments count the reference's iterations from the training size).
+SPLIT_SIZES = {
+    "voc_aug": {"train": 10582, "validation": 1449},
+    "ade20k": {"train": 20210, "validation": 2000},
+    "cityscapes": {"train": 2975, "validation": 500},
+}
+
+# (name, label id, train id) of every Cityscapes label, as cityscapesscripts'
+# labels.py; train id 255 = ignored. The license plate's -1 is 255 in a PNG.
+CITYSCAPES_LABELS = (
+    ("unlabeled", 0, 255), ("ego vehicle", 1, 255), ("rectification border", 2, 255),
+    ("out of roi", 3, 255), ("static", 4, 255), ("dynamic", 5, 255), ("ground", 6, 255),
+    ("road", 7, 0), ("sidewalk", 8, 1), ("parking", 9, 255), ("rail track", 10, 255),
+    ("building", 11, 2), ("wall", 12, 3), ("fence", 13, 4), ("guard rail", 14, 255),
+    ("bridge", 15, 255), ("tunnel", 16, 255), ("pole", 17, 5), ("polegroup", 18, 255),
+    ("traffic light", 19, 6), ("traffic sign", 20, 7), ("vegetation", 21, 8), ("terrain", 22, 9),
+    ("sky", 23, 10), ("person", 24, 11), ("rider", 25, 12), ("car", 26, 13), ("truck", 27, 14),
+    ("bus", 28, 15), ("caravan", 29, 255), ("trailer", 30, 255), ("train", 31, 16),
+    ("motorcycle", 32, 17), ("bicycle", 33, 18), ("license plate", -1, 255),
 )  # fmt: skip
+
+# Cityscapes train ids 0..18, with the colours of cityscapesscripts' labels.py.
+CITYSCAPES_NAMES = tuple(
+    name for name, _, train_id in sorted(CITYSCAPES_LABELS, key=lambda row: row[2]) if train_id != 255
+)
 _CITYSCAPES_PALETTE = (
     (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
     (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
@@ -157,3 +182,34 @@ def palette(dataset: str) -> np.ndarray:
         "synthetic": _SYNTHETIC_PALETTE,
     }[dataset]
     return np.asarray(table, np.uint8)
+
+
+def cityscapes_label_ids() -> np.ndarray:
+    """uint8 (19,): Cityscapes train id -> official label id (the benchmark server's format)."""
+    table = np.zeros(len(CITYSCAPES_NAMES), np.uint8)
+    for _, label_id, train_id in CITYSCAPES_LABELS:
+        if train_id != 255:
+            table[train_id] = label_id
+    return table
+
+
+def class_names_for(dataset: str, num_classes: int) -> list[str]:
+    """The dataset's class names, or "class_0".. when the model has another number of classes.
+
+    Args:
+      dataset: a DataConfig.dataset value.
+      num_classes: the model's classes.
+    """
+    names = class_names(dataset) if dataset in _NAMES else []
+    return names if len(names) == num_classes else [f"class_{i}" for i in range(num_classes)]
+
+
+def palette_for(dataset: str, num_classes: int) -> np.ndarray:
+    """The dataset's uint8 (num_classes, 3) palette, or the VOC colour map when it does not fit.
+
+    Args:
+      dataset: a DataConfig.dataset value.
+      num_classes: the model's classes.
+    """
+    colours = palette(dataset) if dataset in _NAMES else np.zeros((0, 3), np.uint8)
+    return colours if len(colours) == num_classes else voc_colormap(num_classes)

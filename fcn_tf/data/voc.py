@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from fcn_tf.data import validate
+from fcn_tf.data import classes, validate
 from fcn_tf.data.builder import SegmentationBuilder, SplitListing, read_split_file
 from fcn_tf.data.validate import BadExampleError, RawExample
 
-NUM_CLASSES = 21
+NUM_CLASSES = classes.num_classes("voc_aug")
 # Raw VOC/SBD values are already model classes; 255 is VOC's boundary band.
 LABEL_TABLE = validate.lookup_table({**{k: k for k in range(NUM_CLASSES)}, 255: 255})
 
@@ -151,7 +151,7 @@ class VocAug(SegmentationBuilder):
     NUM_CLASSES = NUM_CLASSES
     LABEL_TABLE = LABEL_TABLE
     IMAGE_FORMAT = "jpeg"
-    EXPECTED_COUNTS = {"train": 10582, "validation": 1449}
+    EXPECTED_COUNTS = classes.SPLIT_SIZES["voc_aug"]
     DESCRIPTION = "PASCAL VOC 2012 segmentation + SBD: trainaug (10,582) and val (1,449), 21 classes."
     HOMEPAGE = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/"
     MANUAL_DOWNLOAD_INSTRUCTIONS = (

@@ -26,12 +26,12 @@ def data_dir(tmp_path_factory):
 
 
 def _examples(data_dir, split):
-    config = DataConfig(dataset="ade20k", data_dir=str(data_dir), num_classes=150)
+    config = DataConfig(dataset="ade20k", data_dir=str(data_dir))
     return {ex["image_id"].decode(): ex for ex in tfds.as_numpy(sources.load_split(config, split))}
 
 
 def test_counts_and_ids(data_dir):
-    config = DataConfig(dataset="ade20k", data_dir=str(data_dir), num_classes=150)
+    config = DataConfig(dataset="ade20k", data_dir=str(data_dir))
     assert sources.num_examples(config, "train") == len(fixtures.ADE_TRAIN)
     assert sources.num_examples(config, "validation") == len(fixtures.ADE_VAL)
     assert list(_examples(data_dir, "train")) == fixtures.ADE_TRAIN

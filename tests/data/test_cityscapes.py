@@ -47,7 +47,7 @@ def _zip_fixture(target: Path) -> Path:
 
 
 def _examples(data_dir, split):
-    config = DataConfig(dataset="cityscapes", data_dir=str(data_dir), num_classes=19)
+    config = DataConfig(dataset="cityscapes", data_dir=str(data_dir))
     return {ex["image_id"].decode(): ex for ex in tfds.as_numpy(sources.load_split(config, split))}
 
 

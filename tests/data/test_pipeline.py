@@ -13,7 +13,6 @@ NUM = 10
 
 def config(**kw):
     values = dict(
-        num_classes=12,
         crop_size=(32, 40),
         scale_target=(64, 32),
         ratio_range=(0.5, 2.0),
@@ -247,7 +246,7 @@ def test_benchmark_cityscapes_files_are_prepared_and_read_from_strips(tmp_path):
     kind = dataclasses.replace(input_bench.KINDS["cityscapes"], size=(300, 60), files=2)
     pairs = input_bench.write_synthetic(tmp_path / "files", kind)
     data_dir = input_bench.prepare_cityscapes(pairs, tmp_path / "prepared")
-    cfg = dataclasses.replace(config(), dataset="cityscapes", data_dir=data_dir, num_classes=19)
+    cfg = dataclasses.replace(config(), dataset="cityscapes", data_dir=data_dir)
     for (image_path, label_path), ex in zip(pairs, sources.load_split(cfg, "train"), strict=True):
         # 300 rows: 3 strips of 128 rows; the exact pixels and train ids come back.
         np.testing.assert_array_equal(ex["image"], tf.io.decode_png(tf.io.read_file(image_path)))

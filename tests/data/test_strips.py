@@ -81,7 +81,6 @@ def prepared(tmp_path, monkeypatch):
     return DataConfig(
         dataset="cityscapes",
         data_dir=str(tmp_path / "out"),
-        num_classes=19,
         crop_size=(8, 16),
         scale_target=(64, 32),
         ratio_range=(0.5, 2.0),

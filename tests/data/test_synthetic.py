@@ -87,7 +87,7 @@ def test_prepares_through_the_voc_reader_and_load_split_contract(raw, tmp_path):
     result = sources.prepare("synthetic", raw, tmp_path / "tfds")
     assert result.path == tmp_path / "tfds" / "synthetic" / "1.0.0"
     assert result.num_examples == {"train": 6, "validation": 3}
-    config = DataConfig(dataset="synthetic", data_dir=str(tmp_path / "tfds"), num_classes=5)
+    config = DataConfig(dataset="synthetic", data_dir=str(tmp_path / "tfds"))
     assert sources.num_examples(config, "validation") == 3
     ds = sources.load_split(config, "train")
     assert ds.element_spec["image"] == tf.TensorSpec((None, None, 3), tf.uint8)
@@ -106,7 +106,7 @@ def test_prepares_through_the_voc_reader_and_load_split_contract(raw, tmp_path):
 
 
 def test_unprepared_dataset_error_says_what_to_run(tmp_path):
-    config = DataConfig(dataset="synthetic", data_dir=str(tmp_path / "nothing"), num_classes=5)
+    config = DataConfig(dataset="synthetic", data_dir=str(tmp_path / "nothing"))
     with pytest.raises(
         sources.DatasetNotPreparedError, match=r"make_synthetic\.py.*prepare_data\.py --dataset=synthetic"
     ):
@@ -128,7 +128,7 @@ def test_default_demo_size_is_fast(tmp_path):
 
 def test_load_split_can_skip_image_decoding(raw, tmp_path):
     sources.prepare("synthetic", raw, tmp_path / "tfds")
-    config = DataConfig(dataset="synthetic", data_dir=str(tmp_path / "tfds"), num_classes=5)
+    config = DataConfig(dataset="synthetic", data_dir=str(tmp_path / "tfds"))
     ds = sources.load_split(config, "validation", decoders={"image": tfds.decode.SkipDecoding()})
     assert ds.element_spec["image"] == tf.TensorSpec((), tf.string)
     assert ds.element_spec["label"] == tf.TensorSpec((None, None), tf.uint8)

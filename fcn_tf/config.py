@@ -160,8 +160,8 @@ class TrainerConfig:
       inter_op_threads: TensorFlow's inter-op pool (ops run side by side) in
         `scripts/train.py`: -1 (auto) = 1 on a machine without GPU/TPU, where
         each convolution already uses every core and running two ops at once
-        mostly keeps more tensors alive (R50-D8 512x512: 250-300 MB less peak
-        memory, ~2.5% slower steps; BENCHMARKS.md), else TensorFlow's default;
+        mostly keeps more tensors alive (the cost of one thread in speed and its
+        saving in memory are measured in BENCHMARKS.md), else TensorFlow's default;
         0 = TensorFlow's default; N > 0 = N threads.
     """
 

@@ -68,8 +68,8 @@ class TorchSGD(keras.optimizers.Optimizer):
             # PyTorch's weight_decay: an L2 term in the gradient, before momentum.
             # l2 * w depends only on the weights: without the control
             # dependency the executor computes it when the step starts and
-            # holds it through the whole forward and backward pass (124 MB at
-            # the R50-D8 training peak).
+            # holds it through the whole forward and backward pass (a
+            # weight-sized tensor per layer live at the training peak).
             with tf.control_dependencies([gradient]):
                 decay = tf.cast(self.l2, dtype) * variable
             gradient = gradient + decay
@@ -118,7 +118,10 @@ def build_optimizer(
     """The experiment's optimizer: `TorchSGD` on the poly schedule.
 
     Create it inside `strategy.scope()` and `build()` it on the model's
-    trainable variables before the first traced step (see PITFALLS.md).
+    trainable variables before the first traced step: otherwise the optimizer
+    creates its slot variables inside the traced function, and the first step
+    under MirroredStrategy fails with "You must feed a value for placeholder
+    tensor 'cond/else/.../Placeholder'".
 
     Args:
       config: the optimizer section of the experiment.

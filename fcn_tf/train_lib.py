@@ -465,20 +465,14 @@ def _train_locked(
             tmp_dir = tempfile.mkdtemp(prefix=f"fcn_tf_worker{distribute.task_id(strategy)}_")
             save_dir = tmp_dir
             logging.info("Non-chief worker: checkpoints go to %s (removed at the end)", tmp_dir)
+        if chief:
+            checkpoints.remove_partial_saves(chief_dir)
+        # Before the manager: it reads the state file that newest_readable repairs.
+        latest = checkpoints.newest_readable(chief_dir, set_aside=chief)
         manager = tf.train.CheckpointManager(checkpoint, save_dir, max_to_keep=t.keep_checkpoints)
 
-        latest = tf.train.latest_checkpoint(chief_dir)
         if latest:
-            try:
-                # Every object of this run must be found; extra entries (the preemption
-                # handler's run counter, save_counter) are read later or not needed.
-                checkpoint.restore(latest).assert_existing_objects_matched().expect_partial()
-            except (tf.errors.OpError, AssertionError) as e:
-                raise RuntimeError(
-                    f"cannot resume from {latest}: {e}\n  The workdir was written by a different model or "
-                    f"input pipeline (compare {os.path.join(workdir, CONFIG_FILE)} with this run's config), "
-                    "or use a new --workdir."
-                ) from e
+            checkpoints.restore_for_resume(checkpoint, latest, os.path.join(workdir, CONFIG_FILE))
             logging.info("Resumed from %s (step %d)", latest, int(step.numpy()))
         elif config.model.pretrained_backbone and not from_scratch:
             path = load_pretrained(model, config)
@@ -581,7 +575,7 @@ def _loop(
         return results
 
     def save(at_step):
-        path = manager.save(checkpoint_number=at_step)
+        path = checkpoints.save(manager, at_step)
         logging.info("Saved checkpoint %s", path)
         return path
 

@@ -15,7 +15,7 @@ Faults handled for training:
   dropped from the state file, and the newest readable one is used instead;
   when none is readable, `NoReadableCheckpointError` lists each checkpoint
   and its problem.
-* save (`save`): a failed save (disk full, permissions, I/O error) removes its
+* save (`CheckpointManager`): a failed save (disk full, permissions, I/O error) removes its
   partial files and raises `CheckpointSaveError` naming the path, the space a
   checkpoint needs and the last good checkpoint.
 * start (`remove_partial_saves`): the `ckpt-STEP_temp/` folders that a killed
@@ -125,7 +125,7 @@ def restore_model(model, path: str) -> str:
 
 
 def _files_of(prefix: str) -> list[str]:
-    """The files of checkpoint `prefix` (`.index` and `.data-*`), not those of ckpt-STEP0..."""
+    """The `.index` and `.data-*` files of checkpoint `prefix` (ckpt-6 does not match ckpt-60's)."""
     return sorted(tf.io.gfile.glob(prefix + ".index") + tf.io.gfile.glob(prefix + ".data-*"))
 
 
@@ -447,72 +447,87 @@ def _variables_bytes(checkpoint) -> int:
     return total
 
 
-def _needed(manager, previous: str | None) -> str:
-    if previous and _files_of(previous):
-        return f"{_format_bytes(sum(_size(p) for p in _files_of(previous)))} (the size of {previous})"
-    return f"{_format_bytes(_variables_bytes(manager.checkpoint))} for the variables alone"
+class CheckpointManager(tf.train.CheckpointManager):
+    """`tf.train.CheckpointManager` whose failed saves stop with one clear error and leave nothing behind.
 
-
-def _free(directory: str) -> str:
-    try:
-        return f"{_format_bytes(shutil.disk_usage(directory).free)} free there"
-    except OSError:
-        return "free space unknown"
-
-
-def save(manager: tf.train.CheckpointManager, step: int) -> str:
-    """`manager.save(checkpoint_number=step)`, turning a failed save into one clear error.
-
-    On failure the save's partial files are removed: its `ckpt-STEP_temp/`
-    folder, a `ckpt-STEP.*` file this save created and a half-written state
-    file. Earlier checkpoints are left as they are.
+    Every save goes through `save`: the periodic and final ones of the
+    training loop and the one `PreemptionCheckpointHandler` makes on
+    SIGTERM. Checkpoints are named `ckpt-NUMBER`.
 
     Args:
-      manager: a CheckpointManager with the default checkpoint name ("ckpt").
-      step: the checkpoint number (the training step).
-
-    Returns:
-      The saved checkpoint prefix.
-
-    Raises:
-      CheckpointSaveError: one line with the path, why it failed, the space a
-        checkpoint needs, the last good checkpoint, and that rerunning the
-        same command resumes from it.
+      checkpoint: the `tf.train.Checkpoint` to save.
+      directory: where the checkpoints go.
+      max_to_keep: how many of the newest checkpoints are kept (older ones
+        are deleted after each save).
     """
-    directory = manager.directory
-    prefix = os.path.join(directory, f"{CHECKPOINT_NAME}-{step}")
-    previous = manager.latest_checkpoint
-    existing = set(_files_of(prefix))
-    state_tmp_before = set(tf.io.gfile.glob(os.path.join(directory, STATE_FILE + ".tmp*")))
-    fix = "Free some space (or fix the folder's permissions)"
-    try:
-        return manager.save(checkpoint_number=step)
-    except (tf.errors.OpError, OSError) as e:
-        # "PATH; No space left on device": the cause is what the user needs, the path is named below.
-        reason = _error_text(e, prefix).rsplit("; ", 1)[-1]
-        partial = [p for p in _files_of(prefix) if p not in existing]
-        partial += sorted(
-            set(tf.io.gfile.glob(os.path.join(directory, STATE_FILE + ".tmp*"))) - state_tmp_before
+
+    def __init__(self, checkpoint: tf.train.Checkpoint, directory: str, max_to_keep: int | None):
+        super().__init__(checkpoint, directory, max_to_keep=max_to_keep, checkpoint_name=CHECKPOINT_NAME)
+
+    def save(self, checkpoint_number=None, check_interval=True, options=None):
+        """`tf.train.CheckpointManager.save`; a failure removes the save's partial files.
+
+        Those are its `ckpt-NUMBER_temp/` folder, any `ckpt-NUMBER.*` file this
+        save created and a half-written state file. Earlier checkpoints are
+        left as they are.
+
+        Args:
+          checkpoint_number: the number in the checkpoint's name (the
+            training step); None numbers it by the checkpoint's save counter.
+          check_interval: as in `tf.train.CheckpointManager.save`.
+          options: as in `tf.train.CheckpointManager.save`.
+
+        Returns:
+          The saved checkpoint prefix.
+
+        Raises:
+          CheckpointSaveError: one line with the path, why it failed, the
+            space a checkpoint needs, the last good checkpoint, and that
+            rerunning the same command resumes from it.
+        """
+        number = (
+            int(self.checkpoint.save_counter) + 1 if checkpoint_number is None else int(checkpoint_number)
         )
-        partial += [prefix + "_temp"] if tf.io.gfile.isdir(prefix + "_temp") else []
-        left = []
-        for path in partial:
-            try:
-                (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
-            except tf.errors.OpError:
-                left.append(path)
-        removed = (
-            f"Could not remove its partial files {', '.join(left)}; remove them by hand"
-            if left
-            else "Its partial files were removed"
-        )
-        if previous:
-            resume = f"the last good checkpoint is {previous}. {fix} and rerun the same command: it resumes from there."
+        prefix = os.path.join(self.directory, f"{CHECKPOINT_NAME}-{number}")
+        previous = self.latest_checkpoint
+        existing = set(_files_of(prefix))
+        state_tmp_pattern = os.path.join(self.directory, STATE_FILE + ".tmp*")
+        state_tmp_before = set(tf.io.gfile.glob(state_tmp_pattern))
+        try:
+            return super().save(checkpoint_number, check_interval=check_interval, options=options)
+        except (tf.errors.OpError, OSError) as e:
+            partial = [p for p in _files_of(prefix) if p not in existing]
+            partial += sorted(set(tf.io.gfile.glob(state_tmp_pattern)) - state_tmp_before)
+            partial += [prefix + "_temp"] if tf.io.gfile.isdir(prefix + "_temp") else []
+            left = []
+            for path in partial:
+                try:
+                    (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
+                except tf.errors.OpError:
+                    left.append(path)
+            raise CheckpointSaveError(self._failure_message(prefix, previous, e, left)) from e
+
+    def _failure_message(self, prefix: str, previous: str | None, error: Exception, left: list[str]) -> str:
+        # "PATH; No space left on device": the cause is what the user needs, the path is named already.
+        reason = _error_text(error, prefix).rsplit("; ", 1)[-1]
+        if previous and _files_of(previous):
+            needed = f"{_format_bytes(sum(_size(p) for p in _files_of(previous)))} (the size of {previous})"
         else:
-            resume = (
-                f"there is no earlier checkpoint. {fix} and rerun the same command: it starts from step 0."
-            )
-        raise CheckpointSaveError(
-            f"cannot save checkpoint {prefix}: {reason} ({type(e).__name__}). A checkpoint needs about "
-            f"{_needed(manager, previous)}; {_free(directory)}. {removed}; {resume}"
-        ) from e
+            needed = f"{_format_bytes(_variables_bytes(self.checkpoint))} for the variables alone"
+        try:
+            free = f"{_format_bytes(shutil.disk_usage(self.directory).free)} free there"
+        except OSError:
+            free = "free space unknown"
+        if left:
+            removed = f"Could not remove its partial files {', '.join(left)}; remove them by hand"
+        else:
+            removed = "Its partial files were removed"
+        fix = "Free some space (or fix the folder's permissions) and rerun the same command"
+        if previous:
+            resume = f"the last good checkpoint is {previous}. {fix}: it resumes from there."
+        else:
+            resume = f"there is no earlier checkpoint. {fix}: it starts from step 0."
+        return (
+            f"cannot save checkpoint {prefix}: {reason} ({type(error).__name__}). "
+            f"A checkpoint needs about {needed}; {free}. {removed}; {resume}"
+        )

@@ -469,7 +469,7 @@ def _train_locked(
             checkpoints.remove_partial_saves(chief_dir)
         # Before the manager: it reads the state file that newest_readable repairs.
         latest = checkpoints.newest_readable(chief_dir, set_aside=chief)
-        manager = tf.train.CheckpointManager(checkpoint, save_dir, max_to_keep=t.keep_checkpoints)
+        manager = checkpoints.CheckpointManager(checkpoint, save_dir, max_to_keep=t.keep_checkpoints)
 
         if latest:
             checkpoints.restore_for_resume(checkpoint, latest, os.path.join(workdir, CONFIG_FILE))
@@ -575,7 +575,7 @@ def _loop(
         return results
 
     def save(at_step):
-        path = checkpoints.save(manager, at_step)
+        path = manager.save(checkpoint_number=at_step)
         logging.info("Saved checkpoint %s", path)
         return path
 

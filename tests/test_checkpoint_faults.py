@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import uuid
 
@@ -314,6 +315,39 @@ def test_first_save_failing_names_the_variables_size(tmp_path, monkeypatch):
     assert "for the variables alone" in message and "there is no earlier checkpoint" in message
     assert "it starts from step 0" in message and "\n" not in message
     assert not os.path.exists(_ckpt_dir(tmp_path)) or os.listdir(_ckpt_dir(tmp_path)) == []
+
+
+def test_failed_save_on_sigterm_is_the_same_error(tmp_path, monkeypatch):
+    """The save TensorFlow's PreemptionCheckpointHandler makes on SIGTERM goes through the same manager."""
+    from tensorflow.python.ops import io_ops
+
+    def full_disk(prefix, *args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(
+            None, None, f"{prefix.numpy().decode()}; No space left on device"
+        )
+
+    directory = str(tmp_path / "checkpoints")
+    manager = checkpoints.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(tf.zeros([256]))), directory, 3)
+    assert manager.save(checkpoint_number=1) == os.path.join(directory, "ckpt-1")
+    previous_handler = signal.getsignal(signal.SIGTERM)
+    try:
+        handler = tf.distribute.experimental.PreemptionCheckpointHandler(
+            None,
+            manager,
+            termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=lambda: None),
+        )
+        monkeypatch.setattr(io_ops, "save_v2", full_disk)
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(checkpoints.CheckpointSaveError) as info:
+            # As in the training loop, once per step: the handler saves at the step boundary after the signal.
+            for _ in range(3):
+                handler.save_checkpoint_if_preempted(checkpoint_number=2)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    message = str(info.value)
+    assert f"cannot save checkpoint {directory}/ckpt-2: No space left on device" in message
+    assert f"the last good checkpoint is {directory}/ckpt-1" in message
+    assert sorted(os.listdir(directory)) == ["checkpoint", "ckpt-1.data-00000-of-00001", "ckpt-1.index"]
 
 
 @contextlib.contextmanager

@@ -522,7 +522,7 @@ class CheckpointManager(tf.train.CheckpointManager):
             removed = f"Could not remove its partial files {', '.join(left)}; remove them by hand"
         else:
             removed = "Its partial files were removed"
-        fix = "Free some space (or fix the folder's permissions) and rerun the same command"
+        fix = "Free some space (or make the folder writable) and rerun the same command"
         if previous:
             resume = f"the last good checkpoint is {previous}. {fix}: it resumes from there."
         else:

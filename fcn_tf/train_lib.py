@@ -385,6 +385,13 @@ def train(
       WorkdirLockedError: another run holds the workdir.
       Preempted: SIGTERM arrived; a checkpoint was saved first.
       FileNotFoundError: the pretrained backbone is missing.
+      fcn_tf.checkpoints.NoReadableCheckpointError: the workdir has
+        checkpoints but none is readable (an unreadable newest one is set
+        aside and the newest readable one used instead).
+      fcn_tf.checkpoints.CheckpointMismatchError: the checkpoint does not
+        hold this run's model, optimizer or input pipeline.
+      fcn_tf.checkpoints.CheckpointSaveError: a save failed (its partial
+        files were removed).
     """
     config = validate(config)
     strategy = strategy or distribute.make_strategy("auto")

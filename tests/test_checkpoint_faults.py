@@ -391,6 +391,37 @@ def test_full_and_read_only_disk_on_a_real_filesystem(tmp_path, caplog):
         assert _listed(tmp_path) == ["ckpt-4", "ckpt-6", "ckpt-8"]
 
 
+@pytest.mark.slow
+def test_full_disk_through_the_cli_is_one_line_and_the_rerun_resumes(tmp_path):
+    data_dir = tiny_models.make_synthetic_tfds(str(tmp_path / "data"), num_train=4, num_val=1)
+    workdir = tmp_path / "run"
+    directory = _ckpt_dir(workdir)
+    command = tiny_models.train_command(str(workdir), data_dir, "trainer.train_steps=4")
+
+    def run():
+        return subprocess.run(
+            command, env=tiny_models.subprocess_env(), capture_output=True, text=True, timeout=900
+        )
+
+    # One checkpoint of the CLI's tiny R-18 (~90 MB) fits in 140 MB, a second does not.
+    with _tmpfs(directory, "140m") as remount:
+        proc = run()
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(
+            f"error: cannot save checkpoint {directory}/ckpt-4: No space left on device"
+        ), last
+        assert f"the last good checkpoint is {directory}/ckpt-2" in last
+        assert sorted(os.listdir(directory)) == ["checkpoint", DATA.format(2), "ckpt-2.index"]
+
+        remount("size=400m")
+        proc = run()
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "(from step 2)" in proc.stderr
+        assert tf.train.latest_checkpoint(directory) == os.path.join(directory, "ckpt-4")
+
+
 # --------------------------------------------------------------------------- leftovers
 
 

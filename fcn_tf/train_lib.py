@@ -385,6 +385,13 @@ def train(
       WorkdirLockedError: another run holds the workdir.
       Preempted: SIGTERM arrived; a checkpoint was saved first.
       FileNotFoundError: the pretrained backbone is missing.
+      fcn_tf.checkpoints.NoReadableCheckpointError: the workdir has
+        checkpoints but none is readable (an unreadable newest one is set
+        aside and the newest readable one used instead).
+      fcn_tf.checkpoints.CheckpointMismatchError: the checkpoint does not
+        hold this run's model, optimizer or input pipeline.
+      fcn_tf.checkpoints.CheckpointSaveError: a save failed (its partial
+        files were removed).
     """
     config = validate(config)
     strategy = strategy or distribute.make_strategy("auto")
@@ -465,20 +472,14 @@ def _train_locked(
             tmp_dir = tempfile.mkdtemp(prefix=f"fcn_tf_worker{distribute.task_id(strategy)}_")
             save_dir = tmp_dir
             logging.info("Non-chief worker: checkpoints go to %s (removed at the end)", tmp_dir)
-        manager = tf.train.CheckpointManager(checkpoint, save_dir, max_to_keep=t.keep_checkpoints)
+        if chief:
+            checkpoints.remove_partial_saves(chief_dir)
+        # Before the manager: it reads the state file that newest_readable repairs.
+        latest = checkpoints.newest_readable(chief_dir, set_aside=chief)
+        manager = checkpoints.CheckpointManager(checkpoint, save_dir, max_to_keep=t.keep_checkpoints)
 
-        latest = tf.train.latest_checkpoint(chief_dir)
         if latest:
-            try:
-                # Every object of this run must be found; extra entries (the preemption
-                # handler's run counter, save_counter) are read later or not needed.
-                checkpoint.restore(latest).assert_existing_objects_matched().expect_partial()
-            except (tf.errors.OpError, AssertionError) as e:
-                raise RuntimeError(
-                    f"cannot resume from {latest}: {e}\n  The workdir was written by a different model or "
-                    f"input pipeline (compare {os.path.join(workdir, CONFIG_FILE)} with this run's config), "
-                    "or use a new --workdir."
-                ) from e
+            checkpoints.restore_for_resume(checkpoint, latest, os.path.join(workdir, CONFIG_FILE))
             logging.info("Resumed from %s (step %d)", latest, int(step.numpy()))
         elif config.model.pretrained_backbone and not from_scratch:
             path = load_pretrained(model, config)

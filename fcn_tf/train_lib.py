@@ -12,13 +12,16 @@ returns (default, mirrored over GPUs/CPUs, or multi-worker):
   synchronized BatchNorm; see fcn_tf/losses.py).
 * `TorchSGD` (PyTorch-style L2 + momentum) on the per-iteration poly
   schedule; optional gradient accumulation and mixed precision.
-* `tf.train.CheckpointManager` over model, optimizer, step and the input
-  iterator: saved every `checkpoint_every` steps and at the end, resumed
-  automatically, saved on SIGTERM through
-  `tf.distribute.experimental.PreemptionCheckpointHandler`.
+* checkpoints every `checkpoint_every` steps, at the end and on SIGTERM
+  (`tf.distribute.experimental.PreemptionCheckpointHandler`): model,
+  optimizer and step from the chief in WORKDIR/checkpoints, and every
+  worker's own input iterator in WORKDIR/checkpoints/input/worker-K under the
+  same step; resumed automatically from the newest complete step.
+* the loss stays on the device except at logging steps: a non-finite update
+  is skipped in the graph and the run stops at the next host read, before
+  any checkpoint.
 * TensorBoard scalars/images and periodic evaluation on the chief, console
-  progress with an ETA, a stop on a non-finite loss, and an exclusive lock
-  on the workdir.
+  progress with an ETA, and an exclusive lock on the workdir.
 """
 
 from __future__ import annotations
@@ -582,7 +585,7 @@ def _train_locked(config, workdir, strategy, hooks, from_scratch):
             # Create the slot variables now, not inside the traced step (PITFALLS.md).
             optimizer.build(model.trainable_variables)
         iterator = make_train_iterator(strategy, hooks.dataset_fn)
-        ckpts = _make_checkpoints(strategy, chief, (model, optimizer, iterator), workdir, scratch, t)
+        ckpts = _make_checkpoints(strategy, (model, optimizer, iterator), workdir, scratch, t)
         resumed = _restore(ckpts)
         if resumed is not None:
             logging.info("Resumed from %s (step %d)", resumed, int(ckpts.step.numpy()))
@@ -630,7 +633,7 @@ def input_dir(workdir: str, worker: int) -> str:
     return os.path.join(checkpoints.checkpoint_dir(workdir), INPUT_SUBDIR, f"worker-{worker}")
 
 
-def _make_checkpoints(strategy, chief, objects, workdir, scratch, trainer) -> _Checkpoints:
+def _make_checkpoints(strategy, objects, workdir, scratch, trainer) -> _Checkpoints:
     model, optimizer, iterator = objects
     with strategy.scope():
         step = tf.Variable(
@@ -652,6 +655,9 @@ def _make_checkpoints(strategy, chief, objects, workdir, scratch, trainer) -> _C
     input_checkpoint = tf.train.Checkpoint(
         iterator=iterator, num_workers=tf.Variable(workers, dtype=tf.int64, trainable=False)
     )
+    chief = distribute.is_chief(strategy)
+    # MultiWorkerMirroredStrategy needs every worker to take part in saving
+    # the model; only the chief's copy is kept.
     model_dir = checkpoints.checkpoint_dir(workdir) if chief else os.path.join(scratch, "model")
     keep = trainer.keep_checkpoints if chief else 1
     return _Checkpoints(

@@ -302,7 +302,10 @@ def make_train_step(
                 # Micro-batch k+1's forward waits until micro-batch k's
                 # gradients are summed: otherwise the executor may run the next
                 # forward while the previous backward still holds its
-                # activations, and accumulation saves no memory.
+                # activations, and accumulation saves no memory. The running
+                # sums are then kept as written, ((g1 + g2) + g3) + ...; without
+                # this, Grappler merged them into one AddN over all K micro-batch
+                # gradients (all alive at once), rounded differently for K > 2.
                 with tf.control_dependencies(grads):
                     x = tf.identity(x)
             losses, micro_grads = forward_backward(x, y, global_count)

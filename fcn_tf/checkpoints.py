@@ -302,7 +302,7 @@ def _write_state(directory: str, newest: str, state, dropped: set[str]) -> None:
     tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
-def newest_readable(directory: str, *, set_aside: bool = True) -> str | None:
+def newest_readable(directory: str, *, set_aside: bool = True, usable=None) -> str | None:
     """The newest checkpoint in `directory` that `verify` accepts, repairing the bookkeeping around it.
 
     Candidates are the checkpoints listed in the manager's state file, newest
@@ -318,6 +318,10 @@ def newest_readable(directory: str, *, set_aside: bool = True) -> str | None:
         the latest (its later saves and keep-N deletion then work as usual).
         Only the process that owns the workdir may do this (the chief);
         other workers pass False and only read.
+      usable: optional `step -> bool`: checkpoints whose step it rejects are
+        passed over without being verified or moved (e.g. a step for which
+        not every worker saved its input position); they stay on disk and
+        leave the state file, as a newer checkpoint that was never complete.
 
     Returns:
       The checkpoint prefix to restore, or None when `directory` holds no
@@ -339,6 +343,17 @@ def newest_readable(directory: str, *, set_aside: bool = True) -> str | None:
             state_problem,
             ", ".join(os.path.basename(p) for p in candidates),
         )
+    if usable is not None:
+        passed_over = [p for p in candidates if not usable(_step_of(p))]
+        candidates = [p for p in candidates if p not in passed_over]
+        if passed_over:
+            logging.warning(
+                "Passing over %s: not complete (%s)",
+                ", ".join(os.path.basename(p) for p in passed_over),
+                "a save was interrupted before every part of that step was written",
+            )
+        if not candidates:
+            return None
     problems: list[UnreadableCheckpointError] = []
     for prefix in candidates:
         try:
@@ -365,7 +380,7 @@ def newest_readable(directory: str, *, set_aside: bool = True) -> str | None:
             f"; its files were moved to {unreadable_dir}" if moved else "",
             prefix,
         )
-    if set_aside and (problems or state_problem):
+    if set_aside and (problems or state_problem or (usable is not None and passed_over)):
         if state_problem and tf.io.gfile.exists(state_file):
             tf.io.gfile.rename(state_file, _free_target(directory, STATE_FILE))
         _write_state(directory, prefix, state, {e.prefix for e in problems})
@@ -427,6 +442,30 @@ def remove_partial_saves(directory: str) -> list[str]:
     return removed
 
 
+def discard(prefix: str) -> None:
+    """Removes checkpoint `prefix` and its entry in the state file (the previous one becomes the latest).
+
+    For a step whose save failed in a later part (a worker's input position):
+    its model checkpoint alone is no resume point, and leaving it would make
+    the state file name a checkpoint a rerun cannot use.
+
+    Args:
+      prefix: the checkpoint, e.g. `WORKDIR/checkpoints/ckpt-300`.
+    """
+    directory = os.path.dirname(prefix)
+    for path in _files_of(prefix):
+        tf.io.gfile.remove(path)
+    state, _ = _read_state(directory)
+    if state is None:
+        return
+    remaining = [p for p in state.all_model_checkpoint_paths if _step_of(p) != _step_of(prefix)]
+    if remaining:
+        newest = max(remaining, key=_step_of)
+        _write_state(directory, os.path.join(directory, os.path.basename(newest)), state, {prefix})
+    else:
+        tf.io.gfile.remove(os.path.join(directory, STATE_FILE))
+
+
 # --------------------------------------------------------------------------- save
 
 
@@ -459,10 +498,21 @@ class CheckpointManager(tf.train.CheckpointManager):
       directory: where the checkpoints go.
       max_to_keep: how many of the newest checkpoints are kept (older ones
         are deleted after each save).
+      resume_point: optional `() -> prefix or None`, the checkpoint a rerun
+        resumes from, named in a failure's message; default this manager's
+        latest. (A worker's input positions are one part of a step whose
+        model checkpoint is what the user resumes from.)
     """
 
-    def __init__(self, checkpoint: tf.train.Checkpoint, directory: str, max_to_keep: int | None):
+    def __init__(
+        self,
+        checkpoint: tf.train.Checkpoint,
+        directory: str,
+        max_to_keep: int | None,
+        resume_point=None,
+    ):
         super().__init__(checkpoint, directory, max_to_keep=max_to_keep, checkpoint_name=CHECKPOINT_NAME)
+        self._resume_point = resume_point
 
     def save(self, checkpoint_number=None, check_interval=True, options=None):
         """`tf.train.CheckpointManager.save`; a failure removes the save's partial files.
@@ -490,6 +540,7 @@ class CheckpointManager(tf.train.CheckpointManager):
         )
         prefix = os.path.join(self.directory, f"{CHECKPOINT_NAME}-{number}")
         previous = self.latest_checkpoint
+        resume = self._resume_point() if self._resume_point else previous
         existing = set(_files_of(prefix))
         state_tmp_pattern = os.path.join(self.directory, STATE_FILE + ".tmp*")
         state_tmp_before = set(tf.io.gfile.glob(state_tmp_pattern))
@@ -505,9 +556,9 @@ class CheckpointManager(tf.train.CheckpointManager):
                     (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
                 except tf.errors.OpError:
                     left.append(path)
-            raise CheckpointSaveError(self._failure_message(prefix, previous, e, left)) from e
+            raise CheckpointSaveError(self._failure_message(prefix, previous, resume, e, left)) from e
 
-    def _failure_message(self, prefix: str, previous: str | None, error: Exception, left: list[str]) -> str:
+    def _failure_message(self, prefix, previous, resume, error: Exception, left: list[str]) -> str:
         # "PATH; No space left on device": the cause is what the user needs, the path is named already.
         reason = _error_text(error, prefix).rsplit("; ", 1)[-1]
         if previous and _files_of(previous):
@@ -523,11 +574,11 @@ class CheckpointManager(tf.train.CheckpointManager):
         else:
             removed = "Its partial files were removed"
         fix = "Free some space (or make the folder writable) and rerun the same command"
-        if previous:
-            resume = f"the last good checkpoint is {previous}. {fix}: it resumes from there."
+        if resume:
+            rerun = f"the last good checkpoint is {resume}. {fix}: it resumes from there."
         else:
-            resume = f"there is no earlier checkpoint. {fix}: it starts from step 0."
+            rerun = f"there is no earlier checkpoint. {fix}: it starts from step 0."
         return (
             f"cannot save checkpoint {prefix}: {reason} ({type(error).__name__}). "
-            f"A checkpoint needs about {needed}; {free}. {removed}; {resume}"
+            f"A checkpoint needs about {needed}; {free}. {removed}; {rerun}"
         )

@@ -23,6 +23,7 @@ DEPTHS = (18, 34, 50, 101, 152)
 OUTPUT_STRIDES = (8, 16, 32)
 STEMS = ("deep", "standard")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+COLLECTIVES = ("auto", "nccl", "ring")
 EVAL_MODES = ("whole", "slide")
 
 
@@ -163,6 +164,8 @@ class TrainerConfig:
         mostly keeps more tensors alive (the cost of one thread in speed and its
         saving in memory are measured in BENCHMARKS.md), else TensorFlow's default;
         0 = TensorFlow's default; N > 0 = N threads.
+      collective: all-reduce implementation of MultiWorkerMirroredStrategy:
+        "auto" (TensorFlow's choice), "nccl" (GPUs) or "ring" (gRPC).
     """
 
     train_steps: int = 1000
@@ -179,6 +182,7 @@ class TrainerConfig:
     deterministic: bool = False
     jit_compile: bool = False
     inter_op_threads: int = -1
+    collective: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +273,7 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         "trainer log_every, checkpoint_every, keep_checkpoints must be >= 1",
     )
     check(t.aux_weight >= 0, f"trainer.aux_weight={t.aux_weight} must be >= 0")
+    check(t.collective in COLLECTIVES, f"trainer.collective={t.collective!r} not in {COLLECTIVES}")
     check(t.inter_op_threads >= -1, f"trainer.inter_op_threads={t.inter_op_threads} must be >= -1 (-1: auto)")
     check(e.mode in EVAL_MODES, f"eval.mode={e.mode!r} not in {EVAL_MODES}")
     check(len(e.scales) >= 1 and all(s > 0 for s in e.scales), f"eval.scales={e.scales} must be positive")

@@ -1,20 +1,31 @@
 """Choosing the tf.distribute strategy for the machine the job runs on.
 
 `make_strategy("auto")` follows the hardware: MultiWorkerMirroredStrategy
-when `TF_CONFIG` describes a cluster of several workers, MirroredStrategy
-over the local GPUs (or over several logical CPUs), else the default
-strategy. The same training command therefore runs on 1 CPU, 1 GPU, 8 GPUs
-or several machines.
+when the cluster (TensorFlow's `TFConfigClusterResolver` reading `TF_CONFIG`,
+or its `SlurmClusterResolver` reading the Slurm job step) has several
+workers, MirroredStrategy over the local GPUs (or over several logical
+CPUs), else the default strategy. The same training command therefore runs
+on 1 CPU, 1 GPU, 8 GPUs or several machines.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import tensorflow as tf
 
 STRATEGIES = ("auto", "mirrored", "multiworker", "default")
+CLUSTERS = ("tf_config", "slurm")
+# trainer.collective -> TensorFlow's all-reduce implementation.
+_COLLECTIVES = {
+    "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+    "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+    "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+}
+# SlurmClusterResolver's own default first port.
+SLURM_PORT_BASE = 8888
 
 
 def configure_logical_cpus(count: int) -> None:
@@ -56,23 +67,105 @@ def cluster_workers(tf_config: str | None = None) -> int:
     return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
 
 
-def make_strategy(kind: str = "auto") -> tf.distribute.Strategy:
+def cluster_resolver(cluster: str = "tf_config", slurm_port_base: int = SLURM_PORT_BASE):
+    """TensorFlow's resolver for the cluster this process belongs to.
+
+    Args:
+      cluster: "tf_config" (`TFConfigClusterResolver`: the `TF_CONFIG`
+        variable, e.g. set by Kubernetes operators) or "slurm"
+        (`SlurmClusterResolver`: SLURM_PROCID, SLURM_STEP_NUM_TASKS,
+        SLURM_STEP_NODELIST and SLURM_STEP_TASKS_PER_NODE of the `srun` step).
+      slurm_port_base: first port of the tasks on a node (task i of a node
+        listens on slurm_port_base + i).
+
+    Raises:
+      ValueError: unknown `cluster`, invalid TF_CONFIG, or a Slurm
+        environment the resolver cannot read (one-line message).
+    """
+    if cluster not in CLUSTERS:
+        raise ValueError(f"unknown cluster {cluster!r}; choose one of {', '.join(CLUSTERS)}")
+    if cluster == "tf_config":
+        cluster_workers()  # a one-line error for invalid JSON, not the resolver's traceback
+        return tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    try:
+        if _gpus_on_node():
+            # The resolver splits the node's GPUs between its tasks (CUDA_VISIBLE_DEVICES).
+            resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=slurm_port_base)
+        else:
+            # Without GPUs the resolver still places at most gpus_per_node /
+            # gpus_per_task tasks on a node: give it one (unused) slot per task of
+            # the step and leave CUDA_VISIBLE_DEVICES alone.
+            tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+            resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
+                port_base=slurm_port_base, gpus_per_node=tasks, gpus_per_task=1, auto_set_gpu=False
+            )
+        resolver.cluster_spec()  # resolves task type and id (the resolver sets them only here)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--cluster=slurm: {e}") from None
+    return resolver
+
+
+def _gpus_on_node() -> int:
+    """GPUs of this node as SlurmClusterResolver counts them, 0 when there is no NVIDIA driver.
+
+    TensorFlow must not be asked (that initializes it before the resolver
+    chooses this task's CUDA_VISIBLE_DEVICES).
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip()])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    from tensorflow.python.distribute.cluster_resolver import slurm_cluster_resolver
+
+    try:
+        return slurm_cluster_resolver.get_num_gpus()
+    except RuntimeError:
+        return 0
+
+
+def _cluster_size(resolver) -> int:
+    spec = resolver.cluster_spec().as_dict()
+    return len(spec.get("worker", [])) + len(spec.get("chief", []))
+
+
+def make_strategy(
+    kind: str = "auto",
+    cluster: str = "tf_config",
+    collective: str = "auto",
+    slurm_port_base: int = SLURM_PORT_BASE,
+) -> tf.distribute.Strategy:
     """Returns the strategy for this machine or the one `kind` forces.
 
     Args:
-      kind: "auto" (cluster -> multi-worker; GPUs or several logical CPUs ->
-        mirrored; else default), "mirrored" (all local GPUs, else all local
-        CPUs), "multiworker" (needs TF_CONFIG) or "default" (no distribution).
+      kind: "auto" (cluster of several workers -> multi-worker; GPUs or
+        several logical CPUs -> mirrored; else default), "mirrored" (all
+        local GPUs, else all local CPUs), "multiworker" (needs a cluster) or
+        "default" (no distribution).
+      cluster: where the cluster is described, see `cluster_resolver`.
+      collective: all-reduce implementation of the multi-worker strategy,
+        "auto" (TensorFlow's choice), "nccl" or "ring".
+      slurm_port_base: see `cluster_resolver`.
 
     Raises:
-      ValueError: unknown `kind`, or "multiworker" without a TF_CONFIG cluster.
+      ValueError: unknown `kind`, `cluster` or `collective`, or
+        "multiworker" without a cluster.
     """
     if kind not in STRATEGIES:
         raise ValueError(f"unknown strategy {kind!r}; choose one of {', '.join(STRATEGIES)}")
-    if kind == "multiworker" or (kind == "auto" and cluster_workers() > 1):
-        if kind == "multiworker" and cluster_workers() == 0:
-            raise ValueError("--strategy=multiworker needs TF_CONFIG describing the cluster")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+    if collective not in _COLLECTIVES:
+        raise ValueError(f"unknown collective {collective!r}; choose one of {', '.join(_COLLECTIVES)}")
+    resolver = cluster_resolver(cluster, slurm_port_base) if kind in ("auto", "multiworker") else None
+    if kind == "multiworker" or (kind == "auto" and _cluster_size(resolver) > 1):
+        if _cluster_size(resolver) == 0:
+            where = "TF_CONFIG" if cluster == "tf_config" else "the Slurm job step"
+            raise ValueError(f"--strategy=multiworker needs {where} describing the cluster")
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=resolver,
+            communication_options=tf.distribute.experimental.CommunicationOptions(
+                implementation=_COLLECTIVES[collective]
+            ),
+        )
     if kind == "default":
         return tf.distribute.get_strategy()
     gpus = tf.config.list_logical_devices("GPU")
@@ -114,3 +207,11 @@ def worker_index(strategy: tf.distribute.Strategy) -> int:
     if resolver.task_type == "chief":
         return 0
     return task_id(strategy) + (1 if has_chief else 0)
+
+
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+    """Worker (and chief) tasks of the job: 1 without a cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return 1
+    return max(_cluster_size(resolver), 1)

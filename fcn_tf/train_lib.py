@@ -12,18 +12,22 @@ returns (default, mirrored over GPUs/CPUs, or multi-worker):
   synchronized BatchNorm; see fcn_tf/losses.py).
 * `TorchSGD` (PyTorch-style L2 + momentum) on the per-iteration poly
   schedule; optional gradient accumulation and mixed precision.
-* `tf.train.CheckpointManager` over model, optimizer, step and the input
-  iterator: saved every `checkpoint_every` steps and at the end, resumed
-  automatically, saved on SIGTERM through
-  `tf.distribute.experimental.PreemptionCheckpointHandler`.
+* checkpoints every `checkpoint_every` steps, at the end and on SIGTERM
+  (`tf.distribute.experimental.PreemptionCheckpointHandler`): model,
+  optimizer and step from the chief in WORKDIR/checkpoints, and every
+  worker's own input iterator in WORKDIR/checkpoints/input/worker-K under the
+  same step; resumed automatically from the newest complete step.
+* the loss stays on the device except at logging steps: a non-finite update
+  is skipped in the graph and the run stops at the next host read, before
+  any checkpoint.
 * TensorBoard scalars/images and periodic evaluation on the chief, console
-  progress with an ETA, a stop on a non-finite loss, and an exclusive lock
-  on the workdir.
+  progress with an ETA, and an exclusive lock on the workdir.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import math
 import os
@@ -197,18 +201,41 @@ def make_train_iterator(strategy: tf.distribute.Strategy, dataset_fn: Callable) 
     return iter(dataset.prefetch(tf.data.AUTOTUNE))
 
 
+class TrainStep:
+    """The distributed train step and its device-side record of a non-finite update.
+
+    Call it as `step(iterator, step_number)`; it returns the global metrics
+    as device tensors (nothing is read on the host). An update whose loss or
+    gradient is not finite is not applied (weights, momentum and the
+    optimizer's iteration stay as they were), and neither is any later one;
+    `bad_step` then holds the first such step number (-1 when the caller gave
+    none) and `bad_values` its (total, main, aux, grad_norm). `bad_step` is
+    0 while every update was applied.
+    """
+
+    def __init__(self, function: Callable, bad_step: tf.Variable, bad_values: tf.Variable):
+        self.function = function
+        self.bad_step = bad_step
+        self.bad_values = bad_values
+
+    def __call__(self, iterator, step_number=-1):
+        return self.function(iterator, tf.constant(step_number, tf.int64))
+
+
 def make_train_step(
     model: keras.Model,
     optimizer: keras.optimizers.Optimizer,
     strategy: tf.distribute.Strategy,
     config: ExperimentConfig,
-) -> Callable:
-    """Builds the distributed train step `step(iterator) -> metrics`.
+) -> TrainStep:
+    """Builds the distributed train step `step(iterator, step_number) -> metrics`.
 
-    The returned `tf.function` takes one step's batches from the iterator of
-    `make_train_iterator`, runs the replica step on every replica and returns the global
-    metrics: "total", "main", "aux" (global per-pixel means) and "grad_norm"
-    (norm of the summed, unscaled gradient, L2 term excluded).
+    The returned step (a `TrainStep` around a `tf.function`) takes one
+    step's batches from the iterator of `make_train_iterator`, runs the
+    replica step on every replica and returns the global metrics: "total",
+    "main", "aux" (global per-pixel means) and "grad_norm" (norm of the
+    summed, unscaled gradient, L2 term excluded); when the dataset's elements
+    are (images, labels, extras), also "inputs": this worker's `extras`.
 
     Args:
       model: a Keras model returning {"logits", ["aux_logits"]}, built in
@@ -225,6 +252,10 @@ def make_train_step(
     aux_weight = config.trainer.aux_weight
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     variables = model.trainable_variables
+    # Plain (per-worker) variables: every worker computes the same values from
+    # all-reduced tensors, so they agree without communication.
+    bad_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="nonfinite_step")
+    bad_values = tf.Variable(tf.zeros([4]), trainable=False, name="nonfinite_values")
 
     def forward_backward(x, y, global_count):
         with tf.GradientTape() as tape:
@@ -241,6 +272,18 @@ def make_train_step(
         # (Not with BatchNorm synchronized across replicas: its all-reduce is inside.)
         forward_backward = tf.function(forward_backward, jit_compile=True)
 
+    def apply_if(distribution, apply, grads):
+        # The cond must be built in cross-replica context: a branch that
+        # calls merge_call (optimizer.apply does) is not supported inside a
+        # replica-context cond. `apply` is identical on every replica
+        # (computed from all-reduced values): take the first.
+        take = distribution.experimental_local_results(apply)[0]
+        tf.cond(
+            take,
+            lambda: distribution.extended.call_for_each_replica(optimizer.apply, args=(grads, variables)),
+            lambda: None,
+        )
+
     def replica_step(images, labels):
         replica_ctx = tf.distribute.get_replica_context()
         # Denominator of the loss: valid pixels of the whole GLOBAL batch
@@ -255,6 +298,16 @@ def make_train_step(
         # collectives inside a tf.while_loop are not supported by every strategy.
         # BatchNorm sees micro-batch statistics, as with a smaller batch.
         for x, y in zip(image_chunks, label_chunks):
+            if grads is not None:
+                # Micro-batch k+1's forward waits until micro-batch k's
+                # gradients are summed: otherwise the executor may run the next
+                # forward while the previous backward still holds its
+                # activations, and accumulation saves no memory. The running
+                # sums are then kept as written, ((g1 + g2) + g3) + ...; without
+                # this, Grappler merged them into one AddN over all K micro-batch
+                # gradients (all alive at once), rounded differently for K > 2.
+                with tf.control_dependencies(grads):
+                    x = tf.identity(x)
             losses, micro_grads = forward_backward(x, y, global_count)
             grads = micro_grads if grads is None else [g + m for g, m in zip(grads, micro_grads)]
             totals = {k: totals[k] + losses[k] for k in totals}
@@ -262,16 +315,26 @@ def make_train_step(
         # the global count, so the sum is the gradient of the global mean.
         # Done here once instead of in the optimizer, to also get the norm.
         grads = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        # Each replica holds its share of the global mean: summing gives it,
+        # here (one batched all-reduce) so that every replica can decide below.
+        totals = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, totals)
         grad_norm = tf.linalg.global_norm(grads)
         if loss_scaled:
             grad_norm = grad_norm / tf.cast(optimizer.dynamic_scale, grad_norm.dtype)
-        optimizer.apply(grads, variables)
-        return totals, grad_norm
+        finite = tf.math.is_finite(totals["total"])
+        if not loss_scaled:
+            # With loss scaling, overflowing gradients are the
+            # LossScaleOptimizer's business (it skips them and lowers the scale).
+            finite = finite & tf.math.is_finite(grad_norm)
+        # Once an update was skipped, none is applied: the weights stay those
+        # of the last good step until the loop stops at its next host read.
+        replica_ctx.merge_call(apply_if, args=(finite & tf.equal(bad_step, 0), grads))
+        return totals, grad_norm, finite
 
     local_replicas, first_replica = _local_replicas(strategy)
 
-    def step(iterator):
-        images, labels = next(iterator)
+    def step(iterator, step_number):
+        images, labels, *extras = next(iterator)
         if local_replicas > 1:
             # (local_replicas, b, ...) -> replica r gets slice r, placed on its device.
             def pick(batch):
@@ -280,14 +343,22 @@ def make_train_step(
                 )
 
             images, labels = pick(images), pick(labels)
-        totals, grad_norm = strategy.run(replica_step, args=(images, labels))
-        # Each replica holds its share of the global mean: summing gives it.
-        metrics = {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in totals.items()}
-        # The norm is identical on every replica (computed from all-reduced grads).
-        metrics["grad_norm"] = strategy.reduce(tf.distribute.ReduceOp.MEAN, grad_norm, axis=None)
+        totals, grad_norm, finite = strategy.run(replica_step, args=(images, labels))
+
+        def first(value):  # identical on every replica (all-reduced): no reduction needed
+            return strategy.experimental_local_results(value)[0]
+
+        metrics = {k: first(v) for k, v in totals.items()}
+        metrics["grad_norm"] = first(grad_norm)
+        record = (bad_step == 0) & tf.logical_not(first(finite))
+        bad_step.assign(tf.where(record, step_number, bad_step))
+        values = tf.stack([metrics["total"], metrics["main"], metrics["aux"], metrics["grad_norm"]])
+        bad_values.assign(tf.where(record, tf.cast(values, tf.float32), bad_values))
+        if extras:
+            metrics["inputs"] = extras[0]
         return metrics
 
-    return tf.function(step)
+    return TrainStep(tf.function(step), bad_step, bad_values)
 
 
 # --------------------------------------------------------------------------- eval & images
@@ -359,29 +430,38 @@ def train(
     dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset] | None = None,
     eval_dataset_fn: Callable[[], tf.data.Dataset] | None = None,
     evaluate: bool = True,
+    input_observer: Callable[[int, object], None] | None = None,
 ) -> dict:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if any.
 
     Args:
       config: the experiment.
-      workdir: output directory (config.json, checkpoints/, tensorboard/).
+      workdir: output directory (config.json, checkpoints/, tensorboard/),
+        shared by all workers of a multi-worker job.
       strategy: a tf.distribute strategy; `make_strategy("auto")` if None.
       from_scratch: ignore `config.model.pretrained_backbone`.
       model_fn: `config -> keras.Model` (default: `fcn_tf.models.build_fcn`).
       dataset_fn: `input_context -> per-replica training dataset` of
-        (images, labels) (default: `fcn_tf.data.build_dataset(..., True, ctx)`).
+        (images, labels), or of (images, labels, extras) with any extra
+        tensors the step passes through to `input_observer` (default:
+        `fcn_tf.data.build_dataset(..., True, ctx)`).
       eval_dataset_fn: `() -> evaluation dataset` of dicts (default: the
         eval split through `build_dataset(..., False)`); used for periodic
         evaluation and image summaries.
       evaluate: run periodic/final evaluation (needs `fcn_tf.eval_lib`).
+      input_observer: `(step, extras) -> None`, called on this worker after
+        every step with the step number and the `extras` (as numpy) of the
+        batch that step consumed, e.g. to record which examples each worker
+        trained on. It reads them on the host every step: for tests and
+        tooling, not for fast training.
 
     Returns:
       {"step", "loss" (last total loss), "checkpoint", "eval" (last eval
       results or None), "images_per_sec"}.
 
     Raises:
-      NonFiniteLossError: the loss became NaN/inf (no checkpoint written
-        after the last good one).
+      NonFiniteLossError: the loss became NaN/inf (that update and later
+        ones were not applied; no checkpoint written after the last good one).
       WorkdirLockedError: another run holds the workdir.
       Preempted: SIGTERM arrived; a checkpoint was saved first.
       FileNotFoundError: the pretrained backbone is missing.
@@ -392,6 +472,8 @@ def train(
         hold this run's model, optimizer or input pipeline.
       fcn_tf.checkpoints.CheckpointSaveError: a save failed (its partial
         files were removed).
+      RuntimeError: the workdir cannot be resumed on this number of workers
+        (input positions saved by another count, or by none).
     """
     config = validate(config)
     strategy = strategy or distribute.make_strategy("auto")
@@ -407,26 +489,91 @@ def train(
         )
     os.makedirs(workdir, exist_ok=True)
     # Only the chief locks: the other workers of a multi-worker job share the
-    # workdir and write their checkpoints to private temporary directories.
+    # workdir (they write only their own input positions there).
     lock = workdir_lock(workdir) if chief else contextlib.nullcontext()
+    hooks = _Hooks(
+        model_fn=model_fn or _default_model_fn,
+        dataset_fn=dataset_fn or _default_dataset_fn(config),
+        eval_dataset_fn=eval_dataset_fn,
+        evaluate=evaluate,
+        input_observer=input_observer,
+    )
     with lock:
-        return _train_locked(
-            config,
-            workdir,
-            strategy,
-            chief,
-            from_scratch=from_scratch,
-            model_fn=model_fn or _default_model_fn,
-            dataset_fn=dataset_fn or _default_dataset_fn(config),
-            eval_dataset_fn=eval_dataset_fn,
-            evaluate=evaluate,
-        )
+        return _train_locked(config, workdir, strategy, hooks, from_scratch)
 
 
-def _train_locked(
-    config, workdir, strategy, chief, *, from_scratch, model_fn, dataset_fn, eval_dataset_fn, evaluate
-):
+@dataclasses.dataclass(frozen=True)
+class _Hooks:
+    """The caller's pieces of `train`."""
+
+    model_fn: Callable
+    dataset_fn: Callable
+    eval_dataset_fn: Callable | None
+    evaluate: bool
+    input_observer: Callable | None
+
+
+@dataclasses.dataclass
+class _Checkpoints:
+    """Where one step's state goes: the model on the chief, each worker's own input position.
+
+    `model` manages model, optimizer, step and dropout RNG; the chief's is
+    WORKDIR/checkpoints/ckpt-STEP, the other workers write theirs (which
+    MultiWorkerMirroredStrategy needs them to) to a temporary folder. `inputs`
+    manages this worker's input iterator (its shard's position and, inside
+    the tf.data state, any shuffle or augmentation randomness) in
+    WORKDIR/checkpoints/input/worker-K/ckpt-STEP, with the number of workers.
+    """
+
+    model: checkpoints.CheckpointManager
+    inputs: checkpoints.CheckpointManager
+    model_checkpoint: tf.train.Checkpoint
+    model_objects: dict
+    input_checkpoint: tf.train.Checkpoint
+    step: tf.Variable
+    workdir: str
+    num_workers: int
+    resume_from: str | None  # the verified model checkpoint to resume from, None: a fresh run
+    legacy: bool  # the iterator sits in the model checkpoint (written before per-worker positions)
+
+
+@dataclasses.dataclass
+class _Job:
+    """What the loop runs: fixed for the whole run."""
+
+    config: ExperimentConfig
+    workdir: str
+    strategy: tf.distribute.Strategy
+    chief: bool
+    model: keras.Model
+    train_step: TrainStep
+    iterator: tf.data.Iterator
+    checkpoints: _Checkpoints
+    hooks: _Hooks
+    writer: object = None
+    eval_writer: object = None
+    handler: object = None
+    image_batch: object = None
+
+
+@dataclasses.dataclass
+class _RunState:
+    """What the loop updates. `step` is the one step counter (steps done)."""
+
+    step: int
+    start_step: int
+    metrics: dict | None = None  # the last step's, on the device: read only at logging steps
+    loss: float = float("nan")
+    eval: dict | None = None
+    checkpoint: str | None = None
+    images_per_sec: float = 0.0
+    window_start: float = dataclasses.field(default_factory=time.perf_counter)
+    window_steps: int = 0
+
+
+def _train_locked(config, workdir, strategy, hooks, from_scratch):
     t = config.trainer
+    chief = distribute.is_chief(strategy)
     if t.deterministic:
         # Same ops, same order, same results: required for exact resume.
         tf.config.experimental.enable_op_determinism()
@@ -439,75 +586,44 @@ def _train_locked(
         # Activations in (b)float16, variables in float32; the loss casts
         # logits to float32 (fcn_tf/losses.py).
         keras.mixed_precision.set_global_policy(t.precision)
-    tmp_dir = None
+    scratch = tempfile.mkdtemp(prefix=f"fcn_tf_worker{distribute.worker_index(strategy)}_")
     previous_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         with strategy.scope():
-            model = model_fn(config)
+            model = hooks.model_fn(config)
             optimizer = build_optimizer(
                 config.optimizer, t.train_steps, t.precision, aggregate_gradients=False
             )
-            # Create the slot variables now, not inside the traced step (PITFALLS.md).
+            # Create the slot variables now, not inside the traced step (see build_optimizer).
             optimizer.build(model.trainable_variables)
-            step = tf.Variable(
-                0,
-                dtype=tf.int64,
-                trainable=False,
-                name="step",
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-            )
-        iterator = make_train_iterator(strategy, dataset_fn)
-        # Keras keeps dropout's random state in SeedGenerator variables that
-        # tf.train.Checkpoint does not reach through the model: saved explicitly,
-        # or a resumed run would draw other dropout masks than an uninterrupted one.
-        rng_states = {f"s{i}": v.value for i, v in enumerate(_seed_states(model))}
-        checkpoint = tf.train.Checkpoint(
-            model=model, optimizer=optimizer, step=step, iterator=iterator, rng=rng_states
-        )
-        chief_dir = checkpoints.checkpoint_dir(workdir)
-        if chief:
-            save_dir = chief_dir
-        else:
-            # MWMS: every worker must take part in saving; only the chief's copy is kept.
-            tmp_dir = tempfile.mkdtemp(prefix=f"fcn_tf_worker{distribute.task_id(strategy)}_")
-            save_dir = tmp_dir
-            logging.info("Non-chief worker: checkpoints go to %s (removed at the end)", tmp_dir)
-        if chief:
-            checkpoints.remove_partial_saves(chief_dir)
-        # Before the manager: it reads the state file that newest_readable repairs.
-        latest = checkpoints.newest_readable(chief_dir, set_aside=chief)
-        manager = checkpoints.CheckpointManager(checkpoint, save_dir, max_to_keep=t.keep_checkpoints)
-
-        if latest:
-            checkpoints.restore_for_resume(checkpoint, latest, os.path.join(workdir, CONFIG_FILE))
-            logging.info("Resumed from %s (step %d)", latest, int(step.numpy()))
+        iterator = make_train_iterator(strategy, hooks.dataset_fn)
+        ckpts = _make_checkpoints(strategy, (model, optimizer, iterator), workdir, scratch, t)
+        resumed = _restore(ckpts)
+        if resumed is not None:
+            logging.info("Resumed from %s (step %d)", resumed, int(ckpts.step.numpy()))
         elif config.model.pretrained_backbone and not from_scratch:
             path = load_pretrained(model, config)
             logging.info("Loaded pretrained backbone %s", path)
-
-        handler = _preemption_handler(strategy, manager)
-        train_step = make_train_step(model, optimizer, strategy, config)
-        return _loop(
-            config,
-            workdir,
-            strategy,
-            chief,
-            model,
-            optimizer,
-            step,
-            iterator,
-            manager,
-            handler,
-            train_step,
-            eval_dataset_fn,
-            evaluate,
+        job = _Job(
+            config=config,
+            workdir=workdir,
+            strategy=strategy,
+            chief=chief,
+            model=model,
+            train_step=make_train_step(model, optimizer, strategy, config),
+            iterator=iterator,
+            checkpoints=ckpts,
+            hooks=hooks,
         )
+        state = _RunState(step=int(ckpts.step.numpy()), start_step=int(ckpts.step.numpy()))
+        state.checkpoint = ckpts.model.latest_checkpoint
+        job.handler = _preemption_handler(strategy, scratch, lambda **_: _save(job, state))
+        return _loop(job, state)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
         with contextlib.suppress(ValueError):  # not in the main thread
             signal.signal(signal.SIGTERM, previous_sigterm)
-        if tmp_dir:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _seed_states(model: keras.Model) -> list:
@@ -519,6 +635,211 @@ def _seed_states(model: keras.Model) -> list:
     return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
 
+# --------------------------------------------------------------------------- checkpoints
+
+INPUT_SUBDIR = "input"
+
+
+def input_dir(workdir: str, worker: int) -> str:
+    """Where worker `worker` keeps its input positions: WORKDIR/checkpoints/input/worker-K."""
+    return os.path.join(checkpoints.checkpoint_dir(workdir), INPUT_SUBDIR, f"worker-{worker}")
+
+
+def _make_checkpoints(strategy, objects, workdir, scratch, trainer) -> _Checkpoints:
+    model, optimizer, iterator = objects
+    with strategy.scope():
+        step = tf.Variable(
+            0,
+            dtype=tf.int64,
+            trainable=False,
+            name="step",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+    # Keras keeps dropout's random state in SeedGenerator variables that
+    # tf.train.Checkpoint does not reach through the model: saved explicitly,
+    # or a resumed run would draw other dropout masks than an uninterrupted one.
+    rng_states = {f"s{i}": v.value for i, v in enumerate(_seed_states(model))}
+    model_objects = {"model": model, "optimizer": optimizer, "step": step, "rng": rng_states}
+    model_checkpoint = tf.train.Checkpoint(**model_objects)
+    workers = distribute.num_workers(strategy)
+    # The worker count is saved with every input position: resuming on
+    # another count would give the shards other examples (refused, see _restore).
+    input_checkpoint = tf.train.Checkpoint(
+        iterator=iterator, num_workers=tf.Variable(workers, dtype=tf.int64, trainable=False)
+    )
+    chief = distribute.is_chief(strategy)
+    own_inputs = input_dir(workdir, distribute.worker_index(strategy))
+    # Killed saves leave ckpt-STEP_temp/ folders; each worker clears its own
+    # folders (the workdir lock excludes a concurrent run).
+    if chief:
+        checkpoints.remove_partial_saves(checkpoints.checkpoint_dir(workdir))
+    checkpoints.remove_partial_saves(own_inputs)
+    # Before the managers: they read the state file, which resume repairs.
+    legacy = _legacy_layout(workdir)
+    resume_from = _resume_point(workdir, workers, chief, legacy)
+    # MultiWorkerMirroredStrategy needs every worker to take part in saving
+    # the model; only the chief's copy is kept.
+    model_dir = checkpoints.checkpoint_dir(workdir) if chief else os.path.join(scratch, "model")
+    keep = trainer.keep_checkpoints if chief else 1
+    model = checkpoints.CheckpointManager(model_checkpoint, model_dir, max_to_keep=keep)
+    chief_model_dir = checkpoints.checkpoint_dir(workdir)
+
+    def resume_point():
+        # The input positions are saved after their step's model checkpoint:
+        # when they fail, the rerun resumes from the chief's step before it.
+        current = int(model.latest_checkpoint.rsplit("-", 1)[1]) if model.latest_checkpoint else 0
+        earlier = [step for step in _checkpoint_steps(chief_model_dir) if step < current]
+        return os.path.join(chief_model_dir, f"ckpt-{earlier[0]}") if earlier else None
+
+    return _Checkpoints(
+        model=model,
+        inputs=checkpoints.CheckpointManager(
+            input_checkpoint, own_inputs, max_to_keep=trainer.keep_checkpoints, resume_point=resume_point
+        ),
+        model_checkpoint=model_checkpoint,
+        model_objects=model_objects,
+        input_checkpoint=input_checkpoint,
+        step=step,
+        workdir=workdir,
+        num_workers=workers,
+        resume_from=resume_from,
+        legacy=legacy,
+    )
+
+
+def _checkpoint_steps(directory: str) -> list[int]:
+    """Steps of the complete checkpoints `ckpt-STEP` in `directory`, newest first.
+
+    The `.index` file is written last (after the data files are merged), so
+    a save killed half-way leaves none.
+    """
+    steps = []
+    for path in tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index")):
+        number = os.path.basename(path)[len("ckpt-") : -len(".index")]
+        if number.isdigit():
+            steps.append(int(number))
+    return sorted(steps, reverse=True)
+
+
+def _saved_workers(prefix: str) -> int:
+    return int(tf.train.load_checkpoint(prefix).get_tensor("num_workers/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def _inputs_complete(workdir: str, step: int, num_workers: int) -> bool:
+    """Whether every worker saved its input position at `step`.
+
+    Raises:
+      RuntimeError: they were saved by another number of workers than
+        `num_workers` (one-line message).
+    """
+    first = os.path.join(input_dir(workdir, 0), f"ckpt-{step}")
+    if not tf.io.gfile.exists(first + ".index"):
+        return False
+    saved = _saved_workers(first)
+    if not all(step in _checkpoint_steps(input_dir(workdir, k)) for k in range(1, saved)):
+        return False
+    if saved != num_workers:
+        raise RuntimeError(
+            f"cannot resume {workdir} on {num_workers} worker(s): its input positions at step "
+            f"{step} were saved by {saved} worker(s), and another count would give each worker "
+            f"other examples; rerun with {saved} worker(s) or use a new --workdir"
+        )
+    return True
+
+
+def _resume_point(workdir: str, num_workers: int, chief: bool, legacy: bool) -> str | None:
+    """The model checkpoint a run on `num_workers` workers resumes from; None for a fresh workdir.
+
+    The newest step whose model checkpoint is readable (`checkpoints.verify`:
+    an unreadable one is set aside with a warning) and, but for a workdir of
+    the older single-process layout, which has the input position of every
+    worker that saved it (a run killed between those saves leaves a newer,
+    incomplete step behind, which is passed over). Every worker computes the
+    same answer from the shared workdir; only the chief moves files.
+
+    Raises:
+      fcn_tf.checkpoints.NoReadableCheckpointError: no checkpoint is readable.
+      RuntimeError: input positions saved by another number of workers, the
+        older layout on several workers, or no step complete.
+    """
+    model_dir = checkpoints.checkpoint_dir(workdir)
+    if legacy and num_workers != 1:
+        raise RuntimeError(
+            f"cannot resume {workdir} on {num_workers} workers: its checkpoints hold one input "
+            "position for all workers (written by an older version); resume it with 1 worker or use a "
+            "new --workdir"
+        )
+    usable = None if legacy else (lambda step: _inputs_complete(workdir, step, num_workers))
+    prefix = checkpoints.newest_readable(model_dir, set_aside=chief, usable=usable)
+    if prefix is None and _checkpoint_steps(model_dir):
+        raise RuntimeError(
+            f"cannot resume {workdir}: no checkpoint step in {model_dir} has the input position of "
+            f"every worker ({os.path.dirname(input_dir(workdir, 0))}/worker-K); use a new --workdir"
+        )
+    return prefix
+
+
+def resume_step(workdir: str, num_workers: int) -> int | None:
+    """The step a run on `num_workers` workers would resume from (reads only); None for a fresh workdir.
+
+    Args:
+      workdir: the training workdir.
+      num_workers: workers of the run.
+
+    Raises:
+      as `_resume_point`.
+    """
+    prefix = _resume_point(workdir, num_workers, chief=False, legacy=_legacy_layout(workdir))
+    return None if prefix is None else int(prefix.rsplit("-", 1)[1])
+
+
+def _legacy_layout(workdir: str) -> bool:
+    """A workdir written before each worker saved its own input position (iterator in the model checkpoint)."""
+    inputs = os.path.join(checkpoints.checkpoint_dir(workdir), INPUT_SUBDIR)
+    return not tf.io.gfile.exists(inputs) and bool(_checkpoint_steps(checkpoints.checkpoint_dir(workdir)))
+
+
+def _restore(ckpts: _Checkpoints) -> str | None:
+    """Restores the model and this worker's input position of the resume point; returns the model prefix."""
+    prefix = ckpts.resume_from
+    if prefix is None:
+        return None
+    config_file = os.path.join(ckpts.workdir, CONFIG_FILE)
+    if ckpts.legacy:
+        # The older layout kept the iterator in the model checkpoint.
+        legacy = tf.train.Checkpoint(**ckpts.model_objects, iterator=ckpts.input_checkpoint.iterator)
+        checkpoints.restore_for_resume(legacy, prefix, config_file)
+        return prefix
+    checkpoints.restore_for_resume(ckpts.model_checkpoint, prefix, config_file)
+    inputs = os.path.join(ckpts.inputs.directory, os.path.basename(prefix))
+    checkpoints.restore_for_resume(ckpts.input_checkpoint, inputs, config_file)
+    return prefix
+
+
+def _save(job: _Job, state: _RunState) -> str:
+    """Saves step `state.step`: this worker's input position, then the model; returns the model prefix."""
+    # Never a checkpoint of weights after a skipped, non-finite update.
+    _raise_if_non_finite(job, state)
+    ckpts = job.checkpoints
+    ckpts.step.assign(state.step)
+    # A step is a resume point only once the model and every worker's input
+    # position are saved (`_resume_point` passes over an incomplete one), so
+    # a save interrupted between the two loses nothing. The model goes first:
+    # it is the large write, where a full disk shows, and its failure then
+    # leaves no input position of a step that has no model.
+    path = ckpts.model.save(checkpoint_number=state.step)
+    try:
+        ckpts.inputs.save(checkpoint_number=state.step)
+    except checkpoints.CheckpointSaveError:
+        if job.chief:
+            checkpoints.discard(path)  # the step failed as a whole: its model alone cannot be resumed
+        raise
+    if job.chief:
+        logging.info("Saved checkpoint %s", path)
+    state.checkpoint = path
+    return path
+
+
 class _PreemptionExit(Exception):
     pass
 
@@ -527,15 +848,22 @@ def _raise_preemption_exit():
     raise _PreemptionExit()
 
 
-def _preemption_handler(strategy, manager):
-    """TensorFlow's PreemptionCheckpointHandler: on SIGTERM, save at the next step boundary, then stop."""
+def _preemption_handler(strategy, scratch, save_fn):
+    """TensorFlow's PreemptionCheckpointHandler: on SIGTERM, save at the next step boundary, then stop.
+
+    The handler decides when (the same step on every worker); `save_fn`
+    saves. Its own manager is an empty one: the handler restores that
+    manager's latest checkpoint when it is made, and the run has already
+    restored its own resume step (which need not be the newest checkpoint).
+    """
+    empty = tf.train.CheckpointManager(tf.train.Checkpoint(), os.path.join(scratch, "preemption"), 1)
     try:
         with strategy.scope():
             return tf.distribute.experimental.PreemptionCheckpointHandler(
                 getattr(strategy, "cluster_resolver", None),
-                manager,
+                empty,
                 termination_config=tf.distribute.experimental.TerminationConfig(
-                    exit_fn=_raise_preemption_exit
+                    exit_fn=_raise_preemption_exit, save_fn=save_fn
                 ),
             )
     except ValueError as e:  # signal handlers can only be installed from the main thread
@@ -543,147 +871,156 @@ def _preemption_handler(strategy, manager):
         return None
 
 
-def _loop(
-    config,
-    workdir,
-    strategy,
-    chief,
-    model,
-    optimizer,
-    step,
-    iterator,
-    manager,
-    handler,
-    train_step,
-    eval_dataset_fn,
-    evaluate,
-):
-    t = config.trainer
-    global_batch = config.data.global_batch_size
-    # The rate applied at step k (the optimizer evaluates the same schedule at its iteration k).
-    lr_schedule = poly_from_config(config.optimizer, t.train_steps)
-    writer = eval_writer = None
-    if chief:
-        writer = tf.summary.create_file_writer(summaries.summary_dir(workdir, "train"))
-        eval_writer = tf.summary.create_file_writer(summaries.summary_dir(workdir, "eval"))
-    palette, class_names = _palette(config)
-    image_batch = None
+# --------------------------------------------------------------------------- loop
 
-    def run_eval(at_step):
-        results = _run_evaluation(model, config, strategy, eval_dataset_fn)
-        scalars = summaries.eval_scalars(results, class_names)
-        logging.info(
-            "eval step %d: %s",
-            at_step,
-            " ".join(f"{k[5:]}={v:.4f}" for k, v in scalars.items() if "/IoU/" not in k),
-        )
-        if chief:
-            summaries.write_scalars(eval_writer, at_step, scalars)
-        return results
 
-    def save(at_step):
-        path = manager.save(checkpoint_number=at_step)
-        logging.info("Saved checkpoint %s", path)
-        return path
-
-    current = int(step.numpy())
-    start_step = current
-    last_loss = float("nan")
-    last_eval = None
-    last_path = manager.latest_checkpoint
-    window_start, window_steps = time.perf_counter(), 0
+def _loop(job: _Job, state: _RunState) -> dict:
+    t = job.config.trainer
+    if job.chief:
+        job.writer = tf.summary.create_file_writer(summaries.summary_dir(job.workdir, "train"))
+        job.eval_writer = tf.summary.create_file_writer(summaries.summary_dir(job.workdir, "eval"))
     run_start = time.perf_counter()
-    images_per_sec = 0.0
     logging.info(
         "Training %s for %d steps (from step %d) on %d replica(s), global batch %d, workdir %s",
-        config.name,
+        job.config.name,
         t.train_steps,
-        current,
-        strategy.num_replicas_in_sync,
-        global_batch,
-        workdir,
+        state.step,
+        job.strategy.num_replicas_in_sync,
+        job.config.data.global_batch_size,
+        job.workdir,
     )
     try:
-        while current < t.train_steps:
-            if handler is not None:
+        while state.step < t.train_steps:
+            if job.handler is not None:
                 # Saves (and raises _PreemptionExit) if SIGTERM arrived during the previous step.
-                handler.save_checkpoint_if_preempted(checkpoint_number=current)
-            lr = float(lr_schedule(current))
-            metrics = train_step(iterator)
-            step.assign_add(1)
-            current += 1
-            window_steps += 1
-            last_loss = float(metrics["total"])
-            if not math.isfinite(last_loss):
-                raise NonFiniteLossError(
-                    f"non-finite loss {last_loss} at step {current} (main {float(metrics['main'])}, "
-                    f"aux {float(metrics['aux'])}, lr {lr:.3g}); stopping without saving. "
-                    f"Last good checkpoint: {manager.latest_checkpoint or 'none'} in {workdir}. "
-                    "Lower optimizer.base_lr or add warmup (optimizer.warmup_steps) and rerun."
-                )
-            if current % t.log_every == 0 or current == t.train_steps or current == start_step + 1:
-                elapsed = time.perf_counter() - window_start
-                step_time = elapsed / max(window_steps, 1)
-                images_per_sec = global_batch * window_steps / max(elapsed, 1e-9)
-                eta = step_time * (t.train_steps - current)
-                logging.info(
-                    "step %d/%d loss %.4f (main %.4f aux %.4f) lr %.3g grad_norm %.3g %.2f img/s "
-                    "%.3f s/step ETA %s",
-                    current,
-                    t.train_steps,
-                    last_loss,
-                    float(metrics["main"]),
-                    float(metrics["aux"]),
-                    lr,
-                    float(metrics["grad_norm"]),
-                    images_per_sec,
-                    step_time,
-                    _format_eta(eta),
-                )
-                if chief:
-                    summaries.write_scalars(
-                        writer,
-                        current,
-                        {
-                            "loss/total": last_loss,
-                            "loss/main": float(metrics["main"]),
-                            "loss/aux": float(metrics["aux"]),
-                            "learning_rate": lr,
-                            "grad_norm": float(metrics["grad_norm"]),
-                            "perf/images_per_sec": images_per_sec,
-                            "perf/step_time_sec": step_time,
-                            "perf/peak_memory_mb": summaries.peak_memory_mb(),
-                        },
-                    )
-                window_start, window_steps = time.perf_counter(), 0
+                job.handler.save_checkpoint_if_preempted(checkpoint_number=state.step)
+            # No host read here: the loss stays on the device until a logging
+            # step, so the host keeps queueing steps on an accelerator.
+            state.metrics = job.train_step(job.iterator, state.step + 1)
+            state.step += 1
+            state.window_steps += 1
+            if job.hooks.input_observer is not None:
+                job.hooks.input_observer(state.step, _to_numpy(state.metrics.get("inputs")))
+            if state.step % t.log_every == 0 or state.step in (t.train_steps, state.start_step + 1):
+                _log_step(job, state)
             pause_start = time.perf_counter()
-            if (
-                chief
-                and t.image_summary_every
-                and (current % t.image_summary_every == 0 or current == t.train_steps)
-            ):
-                if image_batch is None:
-                    source = eval_dataset_fn() if eval_dataset_fn else _default_image_dataset(config)
-                    image_batch = _image_batch(source, 3)
-                _write_images(writer, current, model, image_batch, config, palette)
-            if current % t.checkpoint_every == 0 or current == t.train_steps:
-                last_path = save(current)
-            if evaluate and ((t.eval_every and current % t.eval_every == 0) or current == t.train_steps):
-                last_eval = run_eval(current)
+            _periodic_actions(job, state)
             # Saving, evaluation and images are not counted as step time.
-            window_start += time.perf_counter() - pause_start
+            state.window_start += time.perf_counter() - pause_start
     except _PreemptionExit:
-        raise Preempted(current, manager.latest_checkpoint) from None
+        raise Preempted(state.step, state.checkpoint) from None
     finally:
-        for w in (writer, eval_writer):
+        for w in (job.writer, job.eval_writer):
             if w is not None:
                 w.flush()
-    total = time.perf_counter() - run_start
-    logging.info("Finished %s at step %d in %s", config.name, current, _format_eta(total))
+    _raise_if_non_finite(job, state)
+    logging.info(
+        "Finished %s at step %d in %s",
+        job.config.name,
+        state.step,
+        _format_eta(time.perf_counter() - run_start),
+    )
     return {
-        "step": current,
-        "loss": last_loss,
-        "checkpoint": manager.latest_checkpoint if chief else last_path,
-        "eval": last_eval,
-        "images_per_sec": images_per_sec,
+        "step": state.step,
+        "loss": state.loss,
+        "checkpoint": state.checkpoint,
+        "eval": state.eval,
+        "images_per_sec": state.images_per_sec,
     }
+
+
+def _to_numpy(value):
+    return tf.nest.map_structure(lambda v: v.numpy(), value) if value is not None else None
+
+
+def _raise_if_non_finite(job: _Job, state: _RunState) -> None:
+    """Reads the step's non-finite record (a host read); raises NonFiniteLossError if an update was skipped."""
+    step = int(job.train_step.bad_step.numpy())
+    if step == 0:
+        return
+    total, main, aux, grad_norm = (float(v) for v in job.train_step.bad_values.numpy())
+    lr = float(poly_from_config(job.config.optimizer, job.config.trainer.train_steps)(step - 1))
+    what = f"loss {total}" if not math.isfinite(total) else f"gradient (norm {grad_norm}, loss {total})"
+    raise NonFiniteLossError(
+        f"non-finite {what} at step {step} (main {main}, aux {aux}, lr {lr:.3g}); stopping without saving. "
+        f"Last good checkpoint: {job.checkpoints.model.latest_checkpoint or 'none'} in {job.workdir}. "
+        "Lower optimizer.base_lr or add warmup (optimizer.warmup_steps) and rerun."
+    )
+
+
+def _log_step(job: _Job, state: _RunState) -> None:
+    """Console line and scalar summaries: the one place the step's metrics are read on the host."""
+    _raise_if_non_finite(job, state)
+    t = job.config.trainer
+    # The rate applied at step k (the optimizer evaluates the same schedule at its iteration k).
+    lr = float(poly_from_config(job.config.optimizer, t.train_steps)(state.step - 1))
+    values = {k: float(v) for k, v in state.metrics.items() if k != "inputs"}
+    state.loss = values["total"]
+    elapsed = time.perf_counter() - state.window_start
+    step_time = elapsed / max(state.window_steps, 1)
+    state.images_per_sec = job.config.data.global_batch_size * state.window_steps / max(elapsed, 1e-9)
+    logging.info(
+        "step %d/%d loss %.4f (main %.4f aux %.4f) lr %.3g grad_norm %.3g %.2f img/s %.3f s/step ETA %s",
+        state.step,
+        t.train_steps,
+        values["total"],
+        values["main"],
+        values["aux"],
+        lr,
+        values["grad_norm"],
+        state.images_per_sec,
+        step_time,
+        _format_eta(step_time * (t.train_steps - state.step)),
+    )
+    if job.chief:
+        summaries.write_scalars(
+            job.writer,
+            state.step,
+            {
+                "loss/total": values["total"],
+                "loss/main": values["main"],
+                "loss/aux": values["aux"],
+                "learning_rate": lr,
+                "grad_norm": values["grad_norm"],
+                "perf/images_per_sec": state.images_per_sec,
+                "perf/step_time_sec": step_time,
+                "perf/peak_memory_mb": summaries.peak_memory_mb(),
+            },
+        )
+    state.window_start, state.window_steps = time.perf_counter(), 0
+
+
+def _periodic_actions(job: _Job, state: _RunState) -> None:
+    """Image summaries, checkpoint and evaluation due at this step (each checks the non-finite record first)."""
+    t = job.config.trainer
+    last = state.step == t.train_steps
+    if job.chief and t.image_summary_every and (state.step % t.image_summary_every == 0 or last):
+        _raise_if_non_finite(job, state)
+        _images_action(job, state.step)
+    if state.step % t.checkpoint_every == 0 or last:
+        _save(job, state)
+    if job.hooks.evaluate and ((t.eval_every and state.step % t.eval_every == 0) or last):
+        _raise_if_non_finite(job, state)
+        state.eval = _eval_action(job, state.step)
+
+
+def _images_action(job: _Job, step: int) -> None:
+    if job.image_batch is None:
+        source = (
+            job.hooks.eval_dataset_fn() if job.hooks.eval_dataset_fn else _default_image_dataset(job.config)
+        )
+        job.image_batch = _image_batch(source, 3)
+    _write_images(job.writer, step, job.model, job.image_batch, job.config, _palette(job.config)[0])
+
+
+def _eval_action(job: _Job, step: int) -> dict:
+    results = _run_evaluation(job.model, job.config, job.strategy, job.hooks.eval_dataset_fn)
+    scalars = summaries.eval_scalars(results, _palette(job.config)[1])
+    logging.info(
+        "eval step %d: %s",
+        step,
+        " ".join(f"{k[5:]}={v:.4f}" for k, v in scalars.items() if "/IoU/" not in k),
+    )
+    if job.chief:
+        summaries.write_scalars(job.eval_writer, step, scalars)
+    return results

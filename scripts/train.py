@@ -2,11 +2,14 @@
 
     python scripts/train.py --experiment=ade20k_r50_os8 --workdir=runs/ade20k_r50_os8 \
         [--data_dir=~/tensorflow_datasets] [--override=trainer.train_steps=1000 ...] \
-        [--strategy=auto|mirrored|multiworker|default] [--from_scratch]
+        [--strategy=auto|mirrored|multiworker|default] [--cluster=tf_config|slurm] [--from_scratch]
 
-The strategy follows the machine (multi-worker when TF_CONFIG describes a
-cluster, else mirrored over the local GPUs, else the CPU). On SIGTERM a
-checkpoint is saved and the process exits with code 42 (rerun to resume).
+The strategy follows the machine (multi-worker when the cluster has several
+workers, else mirrored over the local GPUs, else the CPU). The cluster is
+read by TensorFlow's resolver for TF_CONFIG (Kubernetes and most launchers)
+or for Slurm (`srun`, one task per worker); `trainer.collective` picks the
+all-reduce (auto, nccl, ring). On SIGTERM a checkpoint is saved and the
+process exits with code 42 (rerun to resume).
 """
 
 import sys
@@ -19,7 +22,7 @@ from absl import app, flags, logging
 
 import experiments
 from fcn_tf import distribute, train_lib
-from fcn_tf.config import ConfigError, override, validate
+from fcn_tf.config import ConfigError
 from fcn_tf.runtime import set_inter_op_threads
 
 FLAGS = flags.FLAGS
@@ -30,6 +33,12 @@ flags.DEFINE_multi_string(
     "override", [], "Config assignment key=value, e.g. trainer.train_steps=20; repeatable."
 )
 flags.DEFINE_enum("strategy", "auto", list(distribute.STRATEGIES), "tf.distribute strategy.")
+flags.DEFINE_enum(
+    "cluster", "tf_config", list(distribute.CLUSTERS), "Where the cluster is described: TF_CONFIG or Slurm."
+)
+flags.DEFINE_integer(
+    "slurm_port_base", distribute.SLURM_PORT_BASE, "--cluster=slurm: port of a node's first task."
+)
 flags.DEFINE_bool("from_scratch", False, "Ignore model.pretrained_backbone and start from random weights.")
 flags.mark_flags_as_required(["experiment", "workdir"])
 
@@ -37,16 +46,21 @@ flags.mark_flags_as_required(["experiment", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    assignments = list(FLAGS.override)
+    if FLAGS.data_dir:
+        assignments.append(f"data.data_dir={FLAGS.data_dir}")
     try:
-        config = experiments.get(FLAGS.experiment)
-        assignments = list(FLAGS.override)
-        if FLAGS.data_dir:
-            assignments.append(f"data.data_dir={FLAGS.data_dir}")
-        config = validate(override(config, *assignments))
-    except (KeyError, ConfigError) as e:
-        sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
+        # A workdir that was trained before resumes with the config it wrote.
+        config = experiments.resolve(FLAGS.experiment, FLAGS.workdir, assignments)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     set_inter_op_threads(config.trainer.inter_op_threads)  # before the strategy starts TensorFlow
-    strategy = distribute.make_strategy(FLAGS.strategy)
+    try:
+        strategy = distribute.make_strategy(
+            FLAGS.strategy, FLAGS.cluster, config.trainer.collective, FLAGS.slurm_port_base
+        )
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     try:
         result = train_lib.train(config, FLAGS.workdir, strategy, from_scratch=FLAGS.from_scratch)
     except train_lib.Preempted as e:

@@ -418,8 +418,48 @@ def _settings(result: dict) -> str:
     return ", ".join(parts)
 
 
-def _error_row(r: dict, columns: int) -> str:
-    return f"| {r['label']} | error: {r['error'].splitlines()[-1][:120]} |" + " |" * (columns - 2)
+def _markdown_table(header: str, rows: Sequence[dict], cells) -> str:
+    # One line per row: `cells(row)`, or the row's error across the columns.
+    columns = header.count("|") - 1
+    lines = [header, "|" + " --- |" * columns]
+    for r in rows:
+        if "error" in r:
+            lines.append(
+                f"| {r['label']} | error: {r['error'].splitlines()[-1][:120]} |" + " |" * (columns - 2)
+            )
+        else:
+            lines.append("| " + " | ".join(cells(r)) + " |")
+    return "\n".join(lines)
+
+
+def _cpu_cells(r: dict) -> list[str]:
+    flops = r.get("flops_per_image")
+    return [
+        r["label"],
+        f"{r['images_per_s']:.3f}",
+        _fmt(r.get("speed_ratio"), ".2f"),
+        _fmt(flops / 1e9 if flops else None, ".1f"),
+        _fmt(r.get("gflops_per_s"), ".1f"),
+        _fmt(100 * r["peak_share"] if r.get("peak_share") else None, ".0f"),
+        _fmt(r.get("flops_ratio"), ".2f"),
+        f"{r['peak_rss_mb']:.0f}",
+        _fmt(r.get("memory_ratio"), ".2f"),
+        _settings(r),
+        " ".join(f"{t:.2f}" for t in r["times"]),
+    ]
+
+
+def _gpu_cells(r: dict) -> list[str]:
+    return [
+        r["label"],
+        str(r["replicas"]),
+        r["precision"],
+        "yes" if r["jit_compile"] else "no",
+        f"{r['images_per_s']:.2f}",
+        f"{r['images_per_s'] / r['replicas']:.2f}",
+        f"{r['peak_device_mb']:.0f}",
+        " ".join(f"{t:.3f}" for t in r["times"]),
+    ]
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -428,28 +468,7 @@ def format_table(rows: Sequence[dict]) -> str:
         "| measurement | images/s | ratio | GFLOP/img | GFLOP/s | % peak | FLOP/s ratio "
         "| peak RSS MiB | mem ratio | settings | step times s |"
     )
-    columns = header.count("|") - 1
-    lines = [header, "|" + " --- |" * columns]
-    for r in rows:
-        if "error" in r:
-            lines.append(_error_row(r, columns))
-            continue
-        flops = r.get("flops_per_image")
-        cells = [
-            r["label"],
-            f"{r['images_per_s']:.3f}",
-            _fmt(r.get("speed_ratio"), ".2f"),
-            _fmt(flops / 1e9 if flops else None, ".1f"),
-            _fmt(r.get("gflops_per_s"), ".1f"),
-            _fmt(100 * r["peak_share"] if r.get("peak_share") else None, ".0f"),
-            _fmt(r.get("flops_ratio"), ".2f"),
-            f"{r['peak_rss_mb']:.0f}",
-            _fmt(r.get("memory_ratio"), ".2f"),
-            _settings(r),
-            " ".join(f"{t:.2f}" for t in r["times"]),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _markdown_table(header, rows, _cpu_cells)
 
 
 def format_gpu_table(rows: Sequence[dict]) -> str:
@@ -458,24 +477,7 @@ def format_gpu_table(rows: Sequence[dict]) -> str:
         "| measurement | GPUs | precision | XLA | images/s | images/s per GPU "
         "| peak device MiB (largest GPU) | step times s |"
     )
-    columns = header.count("|") - 1
-    lines = [header, "|" + " --- |" * columns]
-    for r in rows:
-        if "error" in r:
-            lines.append(_error_row(r, columns))
-            continue
-        cells = [
-            r["label"],
-            str(r["replicas"]),
-            r["precision"],
-            "yes" if r["jit_compile"] else "no",
-            f"{r['images_per_s']:.2f}",
-            f"{r['images_per_s'] / r['replicas']:.2f}",
-            f"{r['peak_device_mb']:.0f}",
-            " ".join(f"{t:.3f}" for t in r["times"]),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _markdown_table(header, rows, _gpu_cells)
 
 
 def visible_gpus() -> int:

@@ -28,7 +28,7 @@ Cityscapes PNGs ~2.2 MB): decode time follows the encoded size. How the
 real Cityscapes PNGs were written is not known; `png_writer` picks the
 encoder of the users' files: "libpng" (libpng's defaults, as TensorFlow and
 most tools write) or "opencv" (`cv2.imwrite`'s defaults, which decode
-~25% faster, favouring the reference).
+faster, favouring the reference; measured, see BENCHMARKS.md).
 
 Library use: `run(...)` returns result rows; `format_table(rows)`.
 Command line: `python scripts/benchmark.py --what=input`, or

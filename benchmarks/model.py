@@ -314,7 +314,7 @@ def run_tf(measurement: Measurement) -> dict:
         images_per_s=m.images_per_call / statistics.median(times),
         setup_s=time.perf_counter() - start - sum(times),
         # Read before counting FLOPs: freezing and profiling the graph costs
-        # memory of its own (over 1 GB for R50 at 512x512), not the step's.
+        # memory of its own (measured, see BENCHMARKS.md), not the step's.
         peak_rss_mb=peak_rss_mb(),
         baseline_rss_mb=baseline_mb,
         versions={"tensorflow": tf.__version__},

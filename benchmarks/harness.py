@@ -23,6 +23,7 @@ import importlib
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -217,6 +218,12 @@ def run_child(target: str, payload: dict, env: dict[str, str] | None = None, tim
     for line in reversed(out.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX) :])
+    if out.returncode < 0:
+        # Killed: its own output does not say why (SIGKILL is usually the out-of-memory killer).
+        name = signal.Signals(-out.returncode).name
+        raise RuntimeError(
+            f"killed by {name} (out of memory?), after {out.stdout.count(chr(10))} lines of output"
+        )
     tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-5:])
     raise RuntimeError(f"exit {out.returncode}: {tail}")
 

@@ -327,6 +327,9 @@ def test_child_protocol_returns_results_and_errors():
     assert harness.run_child("benchmarks.harness:load_average", {"kwargs": {}}) >= 0
     with pytest.raises(RuntimeError, match="(?s)exit 1: .*No module named"):
         harness.run_child("benchmarks.no_such_module:f", {"kwargs": {}})
+    # A child killed by a signal (the out-of-memory killer sends SIGKILL) is named as such.
+    with pytest.raises(RuntimeError, match="killed by SIGABRT"):
+        harness.run_child("os:abort", {"kwargs": {}})
 
 
 def test_the_library_imports_neither_experiments_nor_the_benchmarks():

@@ -6,33 +6,38 @@ prints, as medians over --repeats timed calls after --warmup untimed ones,
 each measured in a fresh process: training and inference images/s, peak
 resident memory, FLOPs per image (TensorFlow's profiler; PyTorch's
 FlopCounterMode for torchvision), achieved FLOP/s and its share of the
-machine's matrix-multiply peak (numpy sgemm), and with --compare=torchvision
-the same for torchvision's FCN and the ratios. Our model is timed as the
-experiment defines it and in torchvision's layout (7x7 stem, one head conv,
-256-channel aux head), so the comparison is also like for like. For
-Cityscapes experiments "infer" adds sliding-window inference of a 1024x2048
-image. --compare=torchvision needs the bench extra (`pip install .[bench]`).
+matrix-multiply peak of the row's own framework (TensorFlow's
+tf.linalg.matmul under the row's oneDNN setting; torch.mm for torchvision),
+and with --compare=torchvision the same for torchvision's FCN and the
+ratios. Our model is timed as the experiment defines it and in torchvision's
+layout (7x7 stem, one head conv, 256-channel aux head), so the comparison is
+also like for like. For Cityscapes experiments "infer" adds sliding-window
+inference of a 1024x2048 image. With a GPU visible (or --device=gpu),
+train and infer print the GPU table instead: images/s and peak device
+memory for float32 and mixed_float16, with and without XLA, on 1, 2, 4, ...
+GPUs; without one, "no GPU visible". --compare=torchvision needs the bench
+extra (`pip install .[bench]`). The code is in benchmarks/ (not installed).
 """
 
-import dataclasses
-import platform
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
-import experiments
-from fcn_tf.benchmark import model as model_bench
+from benchmarks import suite
 
 _EXPERIMENT = flags.DEFINE_string("experiment", None, "Registered experiment name.")
-_WHAT = flags.DEFINE_enum("what", "all", ["train", "infer", "input", "all"], "What to measure.")
-_BATCH = flags.DEFINE_integer("batch", 2, "Images per step (model benchmarks).")
+_WHAT = flags.DEFINE_list("what", ["all"], "What to measure: a comma list of train, infer, input, or all.")
+_BATCH = flags.DEFINE_integer("batch", 2, "Images per step (model benchmarks; per GPU on GPUs).")
 _SIZE = flags.DEFINE_string("size", "", "Input HxW, e.g. 512x512 (default: the experiment's crop size).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (the median is printed).")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls before timing.")
 _ROUNDS = flags.DEFINE_integer("rounds", 1, "Interleaved rounds of all measurements (times pooled).")
 _COMPARE = flags.DEFINE_enum("compare", "", ["", "torchvision"], "Also run torchvision's FCN side by side.")
-_JIT = flags.DEFINE_enum("jit_compile", "auto", ["auto", "on", "off"], "XLA for our step / forward.")
-_THREADS = flags.DEFINE_integer("threads", 2, "Intra-op threads of both frameworks and of the matmul peak.")
+_JIT = flags.DEFINE_enum("jit_compile", "auto", ["auto", "on", "off"], "XLA for our CPU step / forward.")
+_THREADS = flags.DEFINE_integer("threads", 2, "Intra-op threads of both frameworks and of the matmul peaks.")
 _INTER_OP = flags.DEFINE_integer(
     "inter_op_threads",
     -1,
@@ -41,7 +46,7 @@ _INTER_OP = flags.DEFINE_integer(
     "TensorFlow's default; 0: TensorFlow's default; N: N threads.",
 )
 _PRECISION = flags.DEFINE_enum(
-    "precision", "", ["", "float32", "mixed_bfloat16"], "Our precision (default: the experiment's)."
+    "precision", "", ["", "float32", "mixed_bfloat16"], "Our CPU precision (default: the experiment's)."
 )
 _FOLD_BN = flags.DEFINE_bool(
     "fold_bn", True, "Fold BatchNorm into the convs for our inference (as export --fold_batchnorm)."
@@ -50,10 +55,19 @@ _ONEDNN = flags.DEFINE_enum(
     "onednn",
     "auto",
     ["auto", "default", "on", "off"],
-    "TF_ENABLE_ONEDNN_OPTS of our side; auto: on (see AUTO_ONEDNN in fcn_tf/benchmark/model.py).",
+    "TF_ENABLE_ONEDNN_OPTS of our CPU side; auto: on (see AUTO_ONEDNN in benchmarks/suite.py).",
 )
 _FLOPS = flags.DEFINE_bool("flops", True, "Count FLOPs per image.")
-_PEAK = flags.DEFINE_bool("matmul_peak", True, "Measure the numpy sgemm peak (the roofline).")
+_PEAK = flags.DEFINE_bool("matmul_peak", True, "Measure each framework's float32 matmul peak (the roofline).")
+_DEVICE = flags.DEFINE_enum(
+    "device", "auto", list(suite.DEVICES), "auto: the GPU table when a GPU is visible, else the CPU table."
+)
+_REPLICAS = flags.DEFINE_integer(
+    "replicas", 1, "Replicas of our CPU rows (logical CPU devices, BatchNorm synchronized as in training)."
+)
+_GRAD_ACCUM = flags.DEFINE_integer(
+    "grad_accum", 1, "K > 1: also a train row with trainer.grad_accum_steps=K (K x --batch images per step)."
+)
 _INPUT_DATASET = flags.DEFINE_enum(
     "input_dataset",
     "",
@@ -65,106 +79,35 @@ _IMAGES = flags.DEFINE_integer(
 )
 
 
-def _size(config):
-    if not _SIZE.value:
-        return tuple(config.data.crop_size)
-    try:
-        h, w = (int(v) for v in _SIZE.value.lower().split("x"))
-    except ValueError:
-        sys.exit(f"error: --size={_SIZE.value!r} is not HxW (e.g. 512x512)")
-    return h, w
-
-
-def _run_models(config, kinds):
-    """Train / infer (and Cityscapes sliding window): the model measurements."""
-    size = _size(config)
-    overrides = {"inter_op_threads": _INTER_OP.value, "fold_bn": _FOLD_BN.value, "onednn": _ONEDNN.value}
-    if _PRECISION.value:
-        overrides["precision"] = _PRECISION.value
-    plan = model_bench.plan_measurements(
-        config,
-        kinds,
-        batch=_BATCH.value,
-        size=size,
-        repeats=_REPEATS.value,
-        warmup=_WARMUP.value,
-        threads=_THREADS.value,
-        jit_compile=_JIT.value,
-        compare=_COMPARE.value,
-        flops=_FLOPS.value,
-        **overrides,
-    )
-    if "infer" in kinds and config.data.dataset == "cityscapes":
-        # The reference's Cityscapes evaluation: sliding 512x1024 windows over 1024x2048.
-        slide = model_bench.plan_measurements(
-            config,
-            ["slide"],
-            batch=config.eval.window_batch,
-            size=(1024, 2048),
-            repeats=_REPEATS.value,
-            warmup=_WARMUP.value,
-            threads=_THREADS.value,
-            jit_compile=_JIT.value,
-            flops=False,
-            **overrides,
-        )
-        plan += [dataclasses.replace(m, label="slide 1024x2048: ours") for m in slide]
-    peak = model_bench.matmul_peak_gflops(threads=_THREADS.value) if _PEAK.value else 0.0
-    if peak:
-        print(f"matmul peak (numpy sgemm 4096, {_THREADS.value} threads): {peak:.1f} GFLOP/s", flush=True)
-    results = model_bench.run_interleaved(plan, rounds=_ROUNDS.value, log=lambda s: print(s, flush=True))
-    for r, m in zip(results, plan):
-        r.setdefault("jit_compile", m.jit_compile if m.framework == "tf" else None)
-    rows = model_bench.summarize(results, peak)
-    print()
-    print(
-        f"{config.name}: batch {_BATCH.value}, {size[0]}x{size[1]}, {_THREADS.value} threads, "
-        f"{_WARMUP.value} warm-up + {_REPEATS.value} x {_ROUNDS.value} timed calls, "
-        f"load average now {model_bench.load_average():.2f}"
-    )
-    print(model_bench.format_table(rows))
-    for r in rows:
-        if r.get("step"):
-            print(f"  {r['label']}: step = {r['step']}")
-    return rows
-
-
-def _run_input(config):
-    try:
-        from fcn_tf.benchmark import input as input_bench
-    except ImportError:
-        print("input pipeline benchmark: fcn_tf.benchmark.input is not available")
-        return None
-    return input_bench.main(
-        config,
-        input_dataset=_INPUT_DATASET.value or None,
-        images=_IMAGES.value or None,
-        repeats=_REPEATS.value,
-    )
-
-
-# What each --what runs; "all" runs them in this order.
-MODES = {
-    "train": lambda config: _run_models(config, ["train"]),
-    "infer": lambda config: _run_models(config, ["infer"]),
-    "input": _run_input,
-}
-
-
 def main(argv):
     del argv
-    if not _EXPERIMENT.value and _WHAT.value != "input":
-        sys.exit("error: --experiment is required (except for --what=input)")
-    # The input benchmark alone needs no experiment: it uses voc/cityscapes DataConfigs.
-    config = experiments.get(_EXPERIMENT.value) if _EXPERIMENT.value else None
-    print(
-        f"{platform.node()} {platform.processor() or platform.machine()}, python {platform.python_version()}"
-    )
-    if _WHAT.value == "all":
-        _run_models(config, ["train", "infer"])
-        MODES["input"](config)
-    else:
-        MODES[_WHAT.value](config)
+    try:
+        options = suite.Options(
+            experiment=_EXPERIMENT.value or "",
+            what=suite.parse_what(_WHAT.value),
+            batch=_BATCH.value,
+            size=suite.parse_size(_SIZE.value),
+            repeats=_REPEATS.value,
+            warmup=_WARMUP.value,
+            rounds=_ROUNDS.value,
+            compare=_COMPARE.value,
+            jit_compile=_JIT.value,
+            threads=_THREADS.value,
+            inter_op_threads=_INTER_OP.value,
+            precision=_PRECISION.value,
+            fold_bn=_FOLD_BN.value,
+            onednn=_ONEDNN.value,
+            flops=_FLOPS.value,
+            matmul_peak=_PEAK.value,
+            device=_DEVICE.value,
+            replicas=_REPLICAS.value,
+            grad_accum=_GRAD_ACCUM.value,
+            input_dataset=_INPUT_DATASET.value,
+            images=_IMAGES.value,
+        )
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    suite.run(options, log=lambda line: print(line, flush=True))
 
 
 if __name__ == "__main__":

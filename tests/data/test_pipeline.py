@@ -223,7 +223,7 @@ def test_benchmark_files_run_through_the_pipeline(tmp_path):
     # The input benchmark's synthetic files and file source, at a tiny size.
     import dataclasses
 
-    from fcn_tf.benchmark import input as input_bench
+    from benchmarks import input as input_bench
 
     kind = dataclasses.replace(input_bench.KINDS["voc"], size=(40, 60), files=3)
     pairs = input_bench.write_synthetic(tmp_path, kind)
@@ -240,7 +240,7 @@ def test_benchmark_cityscapes_files_are_prepared_and_read_from_strips(tmp_path):
     # The Cityscapes side of the input benchmark reads what prepare_data.py writes.
     import dataclasses
 
-    from fcn_tf.benchmark import input as input_bench
+    from benchmarks import input as input_bench
     from fcn_tf.data import sources
 
     kind = dataclasses.replace(input_bench.KINDS["cityscapes"], size=(300, 60), files=2)

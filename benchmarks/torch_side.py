@@ -2,8 +2,8 @@
 
 Runs torchvision's `fcn_resnet50` / `fcn_resnet101` (random weights:
 `weights=None, weights_backbone=None`) under the same `Measurement` protocol
-as `fcn_tf.benchmark.model`: same input size, batch, thread count and number
-of timed calls, one fresh process per measurement, one `RESULT {...}` line.
+as `benchmarks.model`: same input size, batch, thread count and number
+of timed calls, one fresh process per measurement (`benchmarks.harness`).
 
 The training step is the reference's: forward in train mode, pixel
 cross-entropy (ignore 255) on "out" + aux_weight x on "aux", backward,
@@ -12,18 +12,19 @@ cross-entropy (ignore 255) on "out" + aux_weight x on "aux", backward,
 be dropped). FLOPs come from PyTorch's `FlopCounterMode` (2 x multiply-adds),
 the same convention as TensorFlow's profiler for convolutions.
 
-Only imported by `scripts/benchmark.py --compare=torchvision` (through a
-child process); nothing else in the project needs torch.
+Only run by `scripts/benchmark.py --compare=torchvision` (in child
+processes); nothing else in the project needs torch. The module itself
+imports neither torch nor TensorFlow, so the planner can import it.
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from fcn_tf.benchmark.model import Measurement, child_main, current_rss_mb, peak_rss_mb, time_calls
+from benchmarks.harness import Measurement, current_rss_mb, peak_rss_mb, time_calls
 
 ARCHS = ("fcn_resnet50", "fcn_resnet101")
 
@@ -68,7 +69,13 @@ def run_torch(measurement: Measurement) -> dict:
     lr, momentum, weight_decay, aux_weight, ignore_label = _optimizer_settings(m.experiment)
     labels = torch.randint(0, num_classes, (m.batch, h, w))
     labels[torch.rand(m.batch, h, w) < 0.05] = ignore_label
-    result: dict[str, Any] = {"label": m.label, "framework": "torch", "what": m.what, "batch": m.batch}
+    result: dict[str, Any] = {
+        "label": m.label,
+        "framework": "torch",
+        "what": m.what,
+        "batch": m.batch,
+        "images_per_call": m.batch,
+    }
 
     if train:
         net.train()
@@ -116,5 +123,25 @@ def run_torch(measurement: Measurement) -> dict:
     return result
 
 
-if __name__ == "__main__":
-    child_main(sys.argv, run_torch)
+def matmul_gflops(threads: int, sizes: Sequence[int] = (2048, 4096, 6144), repeats: int = 3) -> dict:
+    """torch's float32 matrix-multiply peak in this process (the torchvision rows' roofline), in GFLOP/s.
+
+    The same sizes and rule as `benchmarks.model.matmul_gflops`: `torch.mm`
+    of n x n matrices, the best median over `sizes`.
+
+    Args:
+      threads: torch.set_num_threads.
+      sizes: matrix sizes tried.
+      repeats: timed products per size, after one untimed one.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    by_size = {}
+    for n in sizes:
+        a = torch.randn(n, n, generator=generator)
+        b = torch.randn(n, n, generator=generator)
+        times = time_calls(lambda a=a, b=b: float(torch.mm(a, b)[0, 0]), 1, repeats)
+        by_size[str(n)] = 2.0 * n**3 / statistics.median(times) / 1e9
+    return {"gflops": max(by_size.values()), "by_size": by_size}

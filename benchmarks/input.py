@@ -19,19 +19,20 @@ reference's OpenCV/numpy pipeline (sssegmentation's transforms: cv2 decode,
 keep-ratio resize, crop with `np.unique` retries, flip, photometric
 distortion in uint8 HSV, normalize, pad) is timed on the same files side by
 side, one process per core as PyTorch DataLoader workers would be; the
-ratio measured in one run is robust to the machine's load, the PERF.md
-anchors (78 / 11 images/s per core) are not.
+ratio measured in one run is robust to the machine's load, the fixed
+anchors (the reference's 78 / 11 images/s per core, measured earlier on a
+2-core AVX2 EPYC) are not.
 
 The synthetic textures are calibrated to real file sizes (VOC JPEGs ~100 KB,
 Cityscapes PNGs ~2.2 MB): decode time follows the encoded size. How the
 real Cityscapes PNGs were written is not known; `png_writer` picks the
 encoder of the users' files: "libpng" (libpng's defaults, as TensorFlow and
 most tools write) or "opencv" (`cv2.imwrite`'s defaults, which decode
-~25% faster, favouring the reference).
+faster, favouring the reference; measured, see BENCHMARKS.md).
 
 Library use: `run(...)` returns result rows; `format_table(rows)`.
 Command line: `python scripts/benchmark.py --what=input`, or
-`python -m fcn_tf.benchmark.input --input_dataset=both`.
+`python -m benchmarks.input --input_dataset=both` from the repository root.
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.harness import load_average, run_child
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,7 @@ class Kind:
       experiment: registered experiment whose DataConfig is used.
       size: (height, width) of the synthetic images.
       image_format: "jpeg" or "png".
-      anchor: the reference's images/s per core in PERF.md.
+      anchor: the reference's images/s per core measured earlier on a 2-core AVX2 EPYC.
       num_classes: classes drawn in the synthetic labels.
       files: distinct synthetic examples written.
       images: images per timed repeat (default).
@@ -195,12 +196,12 @@ def prepare_cityscapes(pairs, directory) -> str:
     import tensorflow_datasets as tfds
     from absl import logging as absl_logging
 
-    from fcn_tf.data import cityscapes, sources
+    from fcn_tf.data import sources
+    from fcn_tf.data.classes import cityscapes_label_ids
 
+    # Train id -> label id; ignore (255) -> 0, "unlabeled".
     to_label_id = np.zeros(256, np.uint8)
-    for _, label_id, train_id in cityscapes.LABELS:
-        if train_id != 255:
-            to_label_id[train_id] = label_id
+    to_label_id[:19] = cityscapes_label_ids()
     raw = Path(directory) / "raw"
     for folder, chosen in (("train", pairs), ("val", pairs[:1])):
         for i, (image_path, label_path) in enumerate(chosen):
@@ -415,63 +416,47 @@ def reference_available() -> bool:
     return True
 
 
-def _worker_main(argv=None):
-    """Entry of one measurement subprocess: prints a JSON list of images/s."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--pipeline", choices=["tf", "reference"], required=True)
-    parser.add_argument("--pairs", required=True, help="JSON file listing (image, label) paths")
-    parser.add_argument("--experiment", required=True)
-    parser.add_argument("--cores", type=int, required=True)
-    parser.add_argument("--images", type=int, required=True)
-    parser.add_argument("--repeats", type=int, required=True)
-    parser.add_argument("--warmup", type=int, required=True)
-    parser.add_argument("--data_dir", default="")
-    args = parser.parse_args(argv)
-    os.sched_setaffinity(0, set(range(args.cores)))
-    pairs = json.loads(Path(args.pairs).read_text())
-    if args.pipeline == "tf":
-        rates = measure_tf(
-            pairs, args.experiment, args.cores, args.images, args.repeats, args.warmup, args.data_dir
-        )
-    else:
-        rates = measure_reference(pairs, args.experiment, args.cores, args.images, args.repeats, args.warmup)
-    print("RESULT " + json.dumps(rates), flush=True)
+def measure_child(
+    pipeline: str,
+    pairs_file: str,
+    experiment: str,
+    cores: int,
+    images: int,
+    repeats: int,
+    warmup: int,
+    data_dir: str,
+) -> list[float]:
+    """One measurement in a child process pinned to `cores` cores: images/s per timed repeat."""
+    os.sched_setaffinity(0, set(range(cores)))
+    pairs = json.loads(Path(pairs_file).read_text())
+    if pipeline == "tf":
+        return measure_tf(pairs, experiment, cores, images, repeats, warmup, data_dir)
+    return measure_reference(pairs, experiment, cores, images, repeats, warmup)
 
 
 def measure_in_subprocess(
     pipeline, pairs_file, kind: Kind, cores, images, repeats, warmup, data_dir=""
 ) -> list[float]:
     """Runs one measurement in a fresh Python pinned to `cores` cores."""
-    env = dict(os.environ)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env["CUDA_VISIBLE_DEVICES"] = ""
     # OpenMP/BLAS pools of numpy and OpenCV follow the core count too.
+    env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), "CUDA_VISIBLE_DEVICES": ""}
     env["OMP_NUM_THREADS"] = str(cores)
-    cmd = [
-        sys.executable,
-        "-m",
-        "fcn_tf.benchmark.input",
-        f"--pipeline={pipeline}",
-        f"--pairs={pairs_file}",
-        f"--experiment={kind.experiment}",
-        f"--cores={cores}",
-        f"--images={images}",
-        f"--repeats={repeats}",
-        f"--warmup={warmup}",
-        f"--data_dir={data_dir}",
-    ]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"benchmark subprocess failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
-def load_average() -> float:
+    kwargs = dict(
+        pipeline=pipeline,
+        pairs_file=str(pairs_file),
+        experiment=kind.experiment,
+        cores=cores,
+        images=images,
+        repeats=repeats,
+        warmup=warmup,
+        data_dir=data_dir,
+    )
     try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
+        return run_child("benchmarks.input:measure_child", {"kwargs": kwargs}, env)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"input benchmark subprocess failed ({pipeline}, {cores} cores): {error}"
+        ) from error
 
 
 def run(
@@ -499,7 +484,7 @@ def run(
     Returns:
       dicts with kind, pipeline, cores, images_per_s (median), per_core,
       runs (all repeats), anchor, and for ours the ratio to the reference
-      measured side by side and to the PERF.md anchor.
+      measured side by side and to the anchor.
     """
     cores = cores or sorted({1, len(os.sched_getaffinity(0))})
     if reference is None:
@@ -572,7 +557,7 @@ def _train_image_bytes(data_dir) -> int:
 def format_table(rows) -> str:
     """A Markdown table of `run`'s rows."""
     lines = [
-        "| input | pipeline | cores | images/s (median) | per core | vs reference, same run | per core vs PERF.md anchor |",
+        "| input | pipeline | cores | images/s (median) | per core | vs reference, same run | per core vs anchor |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -624,13 +609,10 @@ def main(
 
 
 if __name__ == "__main__":
-    if any(a.startswith("--pipeline") for a in sys.argv[1:]):
-        _worker_main()
-    else:
-        parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-        parser.add_argument("--input_dataset", default="both", choices=["voc", "cityscapes", "both"])
-        parser.add_argument("--images", type=int, default=None)
-        parser.add_argument("--repeats", type=int, default=5)
-        parser.add_argument("--png_writer", default="libpng", choices=PNG_WRITERS)
-        a = parser.parse_args()
-        main(input_dataset=a.input_dataset, images=a.images, repeats=a.repeats, png_writer=a.png_writer)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--input_dataset", default="both", choices=["voc", "cityscapes", "both"])
+    parser.add_argument("--images", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--png_writer", default="libpng", choices=PNG_WRITERS)
+    a = parser.parse_args()
+    main(input_dataset=a.input_dataset, images=a.images, repeats=a.repeats, png_writer=a.png_writer)

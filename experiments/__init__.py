@@ -108,9 +108,6 @@ def _cityscapes() -> ExperimentConfig:
             scale_target=(2048, 1024),
             eval_target=(2048, 1024),
             global_batch_size=8,
-            # The shuffle buffer holds encoded frames (~2.5 MB of PNG each) and is
-            # saved in every checkpoint with the iterator: 256 keeps that ~0.6 GB.
-            shuffle_buffer=256,
         ),
         trainer=TrainerConfig(
             train_steps=_iterations(220, 2975, 8), epochs=220, checkpoint_every=2000, eval_every=10000
@@ -162,7 +159,6 @@ def synthetic_r18_os8() -> ExperimentConfig:
             ratio_range=(0.75, 1.5),
             eval_target=(128, 96),
             global_batch_size=8,
-            shuffle_buffer=256,
         ),
         # 450 steps at lr 0.02 reached mIoU 0.752 (600 steps at 0.01: 0.742;
         # 500 at 0.01: 0.725; 450 at 0.015: 0.745), about 0.7 s per step on 2 cores.

@@ -99,8 +99,8 @@ class DataConfig:
       eval_target: (long, short) keep-ratio resize target at evaluation.
       global_batch_size: training images per step over all replicas.
       eval_batch_size: evaluation images per replica.
-      shuffle_buffer: examples in the shuffle buffer.
-      seed: seed of shuffling and augmentation.
+      seed: seed of the training order (a fresh permutation of the split
+        every epoch, `fcn_tf.data.order`) and of the augmentation.
     """
 
     dataset: str = "voc_aug"
@@ -121,7 +121,6 @@ class DataConfig:
     eval_target: tuple[int, int] = (2048, 512)
     global_batch_size: int = 16
     eval_batch_size: int = 1
-    shuffle_buffer: int = 1000
     seed: int = 0
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from fcn_tf.data import augment, order, strips
+from fcn_tf.data import augment, order, records, strips
 
 
 def decode_example(example: dict) -> tuple[tf.Tensor, tf.Tensor]:
@@ -95,20 +95,49 @@ def _pipeline_ids(input_context) -> tuple[int, int]:
     return input_context.num_input_pipelines, input_context.input_pipeline_id
 
 
-def _random_access(source: tf.data.Dataset):
-    """`(num_examples, i -> one-element dataset)` of an in-memory or file-list source.
+def _random_access(source) -> records.RandomAccessSplit:
+    """A `source` dataset (or RandomAccessSplit) as a RandomAccessSplit.
 
     `tf.data.experimental.at` reads element `i` directly from datasets that
     support random access (`from_tensor_slices`, `from_tensors`,
     `concatenate`, `map`, `range`, ...).
     """
+    if isinstance(source, records.RandomAccessSplit):
+        return source
     count = int(source.cardinality())
     if count < 0:
         raise ValueError(
             "a training source must have a known, finite number of elements (tf.data cardinality "
             f"{count}): the training order permutes its indices"
         )
-    return count, lambda i: tf.data.Dataset.from_tensors(tf.data.experimental.at(source, i))
+    return records.RandomAccessSplit(count, lambda i: tf.data.Dataset.from_tensors(tf.data.experimental.at(source, i)))
+
+
+def training_examples(data_config, input_context=None, source=None) -> tf.data.Dataset:
+    """The raw training stream of one input pipeline: `(position, example)`, in the training order.
+
+    Position `t` (int64) reads split index `order.example_index(t, ...)`:
+    every epoch a fresh uniform permutation of this pipeline's shard
+    (`fcn_tf.data.order`). `build_dataset` augments this stream.
+
+    Args:
+      data_config: a `fcn_tf.config.DataConfig` (dataset, split, seed).
+      input_context: a `tf.distribute.InputContext`, or None for one pipeline.
+      source: None (the prepared train split, `sources.random_access_split`),
+        a `records.RandomAccessSplit`, or a finite `tf.data.Dataset` that
+        supports `tf.data.experimental.at`.
+    """
+    if source is None:
+        from fcn_tf.data import sources
+
+        source = sources.random_access_split(data_config, data_config.train_split)
+    split = _random_access(source)
+    num_pipelines, pipeline_id = _pipeline_ids(input_context)
+    # One sequential read per element (a seek and one record); the decode
+    # and augmentation run after it in the parallel map.
+    return order.training_order(split.num_examples, data_config.seed, num_pipelines, pipeline_id).flat_map(
+        lambda position, index: split.read(index).map(lambda example: (position, example))
+    )
 
 
 def build_dataset(data_config, training: bool, input_context=None, source: tf.data.Dataset | None = None):
@@ -127,7 +156,8 @@ def build_dataset(data_config, training: bool, input_context=None, source: tf.da
         prepared train split (read by random access) or eval split (read
         in sorted order) of `data_config`. For training it must be finite
         and support `tf.data.experimental.at` (from_tensor_slices,
-        from_tensors + concatenate, map, ...).
+        from_tensors + concatenate, map, ...), or be a
+        `records.RandomAccessSplit`.
 
     Returns:
       the `tf.data.Dataset`.
@@ -135,22 +165,12 @@ def build_dataset(data_config, training: bool, input_context=None, source: tf.da
     c = data_config
     num_pipelines, pipeline_id = _pipeline_ids(input_context)
     if training:
-        if source is None:
-            from fcn_tf.data import sources
-
-            split = sources.random_access_split(c, c.train_split)
-            count, read = split.num_examples, split.read
-        else:
-            count, read = _random_access(source)
         batch = c.global_batch_size
         if input_context is not None:
             batch = input_context.get_per_replica_batch_size(c.global_batch_size)
-        # One sequential read per element (a seek and one record), then the
-        # parallel decode and augmentation; the stream position doubles as
-        # the augmentation seed, as the order is a function of it.
-        ds = order.training_order(count, c.seed, num_pipelines, pipeline_id).flat_map(
-            lambda position, index: read(index).map(lambda example: (position, example))
-        )
+        ds = training_examples(c, input_context, source)
+        # The stream position seeds the augmentation: an element is a
+        # function of its position alone.
         base_seed = tf.constant([c.seed, pipeline_id], tf.int64)
 
         def transform(position, example):

@@ -22,6 +22,7 @@ import io
 import logging
 import os
 import struct
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -102,6 +103,21 @@ def load_offsets(dataset_dir: str, shard_files: list[str]) -> dict[str, np.ndarr
 
 
 @dataclasses.dataclass(frozen=True)
+class RandomAccessSplit:
+    """A split's examples by position, for the training order.
+
+    Attributes:
+      num_examples: examples in the split.
+      read: `i (int64 scalar tensor) -> tf.data.Dataset` of the one example
+        at position `i` of the stored order; graph ops only, usable in
+        `flat_map`.
+    """
+
+    num_examples: int
+    read: Callable[[tf.Tensor], tf.data.Dataset]
+
+
+@dataclasses.dataclass(frozen=True)
 class RecordIndex:
     """Where each example of a split is: shard file and byte offset, in split order.
 
@@ -149,8 +165,13 @@ def split_index(dataset_dir: str, file_instructions) -> RecordIndex:
 def read_record(index: RecordIndex, i) -> tf.data.Dataset:
     """A one-element dataset of the serialized record of example `i` (int64 scalar tensor).
 
-    Meant for `flat_map`: a one-element dataset, unlike
-    `get_single_element` in a `map`, keeps the pipeline checkpointable.
+    Use it inside `flat_map` only (as the training pipeline does): in
+    TensorFlow 2.21 the op's graph serialization drops `byte_offsets`
+    ("3 inputs specified of 4"), which breaks a TFRecordDatasetV2 dataset
+    iterated at top level, where tf.data serializes it to optimize it; the
+    inner datasets of a `flat_map` are built at run time and never
+    serialized. (`get_single_element` in a `map` would also work, but is a
+    stateful op there.)
 
     Args:
       index: the split's RecordIndex.

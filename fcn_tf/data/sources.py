@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import tensorflow as tf
@@ -283,22 +282,7 @@ def encoded_split(data_config: DataConfig, split: str) -> tf.data.Dataset:
     return ds.map(lambda e: _encoded_contract(e, in_strips), num_parallel_calls=tf.data.AUTOTUNE)
 
 
-@dataclasses.dataclass(frozen=True)
-class RandomAccessSplit:
-    """A split's examples by position, for the training order.
-
-    Attributes:
-      num_examples: examples in the split.
-      read: `i (int64 scalar tensor) -> tf.data.Dataset` of the one example
-        at position `i` of the stored order, in the contract of
-        `encoded_split`; graph ops only, usable in `flat_map`.
-    """
-
-    num_examples: int
-    read: Callable[[tf.Tensor], tf.data.Dataset]
-
-
-def random_access_split(data_config: DataConfig, split: str) -> RandomAccessSplit:
+def random_access_split(data_config: DataConfig, split: str) -> records.RandomAccessSplit:
     """Example `i` of a prepared split on demand (`fcn_tf.data.records`).
 
     Args:
@@ -323,4 +307,4 @@ def random_access_split(data_config: DataConfig, split: str) -> RandomAccessSpli
             )
         )
 
-    return RandomAccessSplit(num_examples=len(index), read=read)
+    return records.RandomAccessSplit(num_examples=len(index), read=read)

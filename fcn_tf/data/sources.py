@@ -278,7 +278,7 @@ def encoded_split(data_config: DataConfig, split: str) -> tf.data.Dataset:
     """
     builder = _builder(data_config)
     in_strips = "image_strips" in builder.info.features
-    ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_decoding(builder))
+    ds = load_split(data_config, split, decoders=_skip_decoding(builder))
     return ds.map(lambda e: _encoded_contract(e, in_strips), num_parallel_calls=tf.data.AUTOTUNE)
 
 

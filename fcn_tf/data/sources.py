@@ -259,11 +259,6 @@ def _encoded_contract(example: dict, in_strips: bool) -> dict:
     return out
 
 
-def _skip_decoding(builder: SegmentationBuilder) -> dict:
-    names = ("image", "label")
-    return {name: tfds.decode.SkipDecoding() for name in names if name in builder.info.features}
-
-
 def encoded_split(data_config: DataConfig, split: str) -> tf.data.Dataset:
     """One pass over a split in stored (sorted id) order, image and label left encoded.
 
@@ -276,9 +271,10 @@ def encoded_split(data_config: DataConfig, split: str) -> tf.data.Dataset:
       "image_strips" + "strip_height"} (`fcn_tf.data.pipeline`'s source
       contract), decoded later by the pipeline.
     """
-    builder = _builder(data_config)
-    in_strips = "image_strips" in builder.info.features
-    ds = load_split(data_config, split, decoders=_skip_decoding(builder))
+    in_strips = "image_strips" in _builder(data_config).info.features
+    # "image" skipped keeps strips as strips (see load_split).
+    skip = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
+    ds = load_split(data_config, split, decoders=skip)
     return ds.map(lambda e: _encoded_contract(e, in_strips), num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -298,7 +294,7 @@ def random_access_split(data_config: DataConfig, split: str) -> records.RandomAc
     index = records.split_index(builder.data_path, info.file_instructions)
     features = builder.info.features
     in_strips = "image_strips" in features
-    decoders = _skip_decoding(builder)
+    decoders = {name: tfds.decode.SkipDecoding() for name in ("image", "label") if name in features}
 
     def read(i):
         return records.read_record(index, i).map(

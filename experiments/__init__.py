@@ -225,7 +225,6 @@ def synthetic_r18_os8() -> ExperimentConfig:
             ratio_range=(0.75, 1.5),
             eval_target=(128, 96),
             global_batch_size=8,
-            shuffle_buffer=256,
         ),
         # Chosen by a small lr x steps sweep to fit the demo's 10 minutes.
         optimizer=OptimizerConfig(base_lr=0.02, weight_decay=1e-4),

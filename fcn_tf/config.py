@@ -98,8 +98,8 @@ class DataConfig:
       std: per-channel normalization std.
       eval_target: (long, short) keep-ratio resize target at evaluation.
       global_batch_size: training images per step over all replicas.
-      shuffle_buffer: examples in the shuffle buffer.
-      seed: seed of shuffling and augmentation.
+      seed: seed of the training order (a fresh permutation of the split
+        every epoch, `fcn_tf.data.order`) and of the augmentation.
     """
 
     dataset: str = "voc_aug"
@@ -118,7 +118,6 @@ class DataConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     eval_target: tuple[int, int] = (2048, 512)
     global_batch_size: int = 16
-    shuffle_buffer: int = 1000
     seed: int = 0
 
 

@@ -164,7 +164,7 @@ def test_trained_workdir_evaluates_to_the_training_final_eval(trained, tmp_path)
             sys.executable, os.path.join(REPO, "scripts", "train.py"), "--experiment=synthetic_r18_os8",
             f"--workdir={workdir}", f"--data_dir={data_dir}", "--strategy=default",
             *[f"--override={o}" for o in (*MODEL_OVERRIDES, "trainer.train_steps=3", "data.global_batch_size=2",
-                                          "trainer.checkpoint_every=3", "data.shuffle_buffer=2")],
+                                          "trainer.checkpoint_every=3")],
         ],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
     )  # fmt: skip

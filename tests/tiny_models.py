@@ -82,7 +82,6 @@ TINY_OVERRIDES = (
     "data.scale_target=48,32",
     "data.eval_target=48,32",
     "data.global_batch_size=2",
-    "data.shuffle_buffer=8",
     "eval.crop_size=32,32",
     "eval.stride=32,32",
     "trainer.log_every=1",

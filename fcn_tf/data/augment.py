@@ -10,8 +10,9 @@ scale; labels are (H, W) integers (uint8 or int32), classes 0..C-1 and the
 ignore value. Labels are only ever resized with nearest neighbour and
 padded with the ignore value; their dtype is preserved.
 
-The reference is sssegmentation / mmsegmentation (OpenCV + numpy, see
-RECIPE.md). Followed exactly: the resize target truncated to integers and
+The reference is sssegmentation / mmsegmentation (OpenCV + numpy): keep-ratio
+resize to (2048, 512) x U(0.5, 2), random crop with the 0.75 single-class
+rule, flip 0.5, photometric distortion, normalize, pad. Followed exactly: the resize target truncated to integers and
 mmcv's `int(x * scale + 0.5)` size rounding; labels resized with OpenCV's
 `INTER_NEAREST` index formula (no half-pixel offset, unlike
 `tf.image.resize(..., "nearest")`); the crop retry rule with
@@ -432,15 +433,18 @@ def random_resize_crop(
     cat_max_ratio: float,
     crop_tries: int,
     ignore_label: int,
+    read_window=None,
 ):
     """`random_resize` then `random_crop`, without resizing the whole image.
 
     Same random draws, same label crop bit for bit, and the same image crop
     up to float rounding: see `plan_resize_crop`, `source_window` and
-    `resample_crop`, which this chains.
+    `resample_crop`, which this chains. The crop is planned on the label,
+    then only the source window it reads is resampled.
 
     Args:
-      image: (H, W, 3) uint8 or float32.
+      image: (H, W, 3) uint8 or float32; unused (may be None) when
+        `read_window` is given.
       label: (H, W) integer label.
       resize_seed: seed of `random_resize`.
       crop_seed: seed of `random_crop`.
@@ -450,6 +454,9 @@ def random_resize_crop(
       cat_max_ratio: see `random_crop`.
       crop_tries: see `random_crop`.
       ignore_label: see `random_crop`.
+      read_window: optional `(start, size) -> (size[0], size[1], 3) image
+        window` used instead of slicing `image`, e.g. a JPEG decoder that
+        decodes only that window.
 
     Returns:
       (image float32, label) crops, as `random_crop(*random_resize(...))`.
@@ -466,7 +473,10 @@ def random_resize_crop(
         ignore_label,
     )
     start, size = source_window(plan)
-    window = tf.slice(image, tf.concat([start, [0]], 0), tf.concat([size, [-1]], 0))
+    if read_window is None:
+        window = tf.slice(image, tf.concat([start, [0]], 0), tf.concat([size, [-1]], 0))
+    else:
+        window = read_window(start, size)
     return resample_crop(window, start, plan), plan["label"]
 
 
@@ -628,11 +638,11 @@ def pad_to_size(image, label, size: Size, ignore_label: int):
 
 
 def train_transform(image, label, seed, data_config, read_window=None):
-    """The whole train augmentation of RECIPE.md for one example.
+    """The whole reference train augmentation for one example.
 
-    Resize + crop (planned on the label, then only the source window the
-    crop reads is resampled: see `plan_resize_crop`), flip, photometric
-    distortion (if `data_config.photometric`), normalize, pad.
+    `random_resize_crop`, `random_flip`, `photometric_distortion` (if
+    `data_config.photometric`), `normalize`, `pad_to_size`, each with its
+    own part of the seed.
 
     Args:
       image: (H, W, 3) uint8 (or float32 0..255) RGB; unused (may be None)
@@ -648,7 +658,8 @@ def train_transform(image, label, seed, data_config, read_window=None):
     """
     c = data_config
     s = tf.random.experimental.stateless_split(seed, 4)
-    plan = plan_resize_crop(
+    image, label = random_resize_crop(
+        image,
         label,
         s[0],
         s[1],
@@ -658,13 +669,8 @@ def train_transform(image, label, seed, data_config, read_window=None):
         c.cat_max_ratio,
         c.crop_tries,
         c.ignore_label,
+        read_window=read_window,
     )
-    start, size = source_window(plan)
-    if read_window is None:
-        window = tf.slice(image, tf.concat([start, [0]], 0), tf.concat([size, [-1]], 0))
-    else:
-        window = read_window(start, size)
-    image, label = resample_crop(window, start, plan), plan["label"]
     image, label = random_flip(image, label, s[2], c.flip_prob)
     if c.photometric:
         image = photometric_distortion(image, s[3])

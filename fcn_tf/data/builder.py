@@ -11,7 +11,9 @@ expected example counts. Every builder stores the same features:
   label:    PNG, uint8 (H, W, 1), model space (0..C-1, ignore 255)
   image_id: the dataset's own id (e.g. "2007_000032")
 
-in the splits "train" and "validation". The builders are not registered in
+in the splits "train" and "validation", in sorted id order; `sources.prepare`
+adds the byte offset of every record (`fcn_tf.data.records`) for the
+training order's random access. The builders are not registered in
 TFDS's global registry (TFDS ships unrelated builders named "cityscapes"
 and "voc"); read them through `fcn_tf.data.sources` or
 `tfds.builder_from_directory(DATA_DIR/NAME/VERSION)`.
@@ -106,7 +108,8 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             supervised_keys=None if self.STRIP_HEIGHT else ("image", "label"),
             homepage=self.HOMEPAGE,
             # Keep the listed (sorted) order: evaluation and debugging see
-            # the ids in a predictable order; training shuffles anyway.
+            # the ids in a predictable order; training draws its own order
+            # by random access (`fcn_tf.data.order`), whatever is stored.
             disable_shuffling=True,
         )
 

@@ -1,12 +1,17 @@
 """`build_dataset`: the train and eval input pipelines as `tf.data`.
 
-Train: shard per input pipeline -> shuffle (seeded) -> repeat -> enumerate
--> parallel deterministic map of the reference augmentation with a
-per-example stateless seed derived from (seed, pipeline id, element index)
--> batch per replica -> prefetch. Because the randomness of an example
-depends only on its position in the stream, `tf.train.Checkpoint(
-iterator=...)` restores the stream exactly (the shuffle buffer and position
-are part of the iterator state).
+Train: the stream positions 0, 1, 2, ... of this input pipeline -> the
+split index of each (`fcn_tf.data.order`: every epoch a fresh uniform
+permutation of the pipeline's shard, the shards disjoint and covering the
+split) -> that example read by random access (a prepared split through
+its record offsets, `sources.random_access_split`; a `source` dataset
+through `tf.data.experimental.at`) -> parallel deterministic map of the
+reference augmentation with a per-example stateless seed derived from
+(seed, pipeline id, position) -> batch per replica -> prefetch. Because
+an element depends only on its position in the stream, `tf.train.Checkpoint(
+iterator=...)` restores the stream exactly, and the iterator is
+checkpointed symbolically: its saved state is the positions, a few
+kilobytes, not the encoded or decoded examples in flight.
 
 Eval: one pass, the image resized keeping its ratio to `eval_target` and
 normalized, the label untouched at its original size, batch 1.
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from fcn_tf.data import augment, strips
+from fcn_tf.data import augment, order, records, strips
 
 
 def decode_example(example: dict) -> tuple[tf.Tensor, tf.Tensor]:
@@ -90,27 +95,49 @@ def _pipeline_ids(input_context) -> tuple[int, int]:
     return input_context.num_input_pipelines, input_context.input_pipeline_id
 
 
-def _encoded_split(sources, data_config, split):
-    """A prepared split with image and label left encoded, decoded after the shuffle.
+def _random_access(source) -> records.RandomAccessSplit:
+    """A `source` dataset (or RandomAccessSplit) as a RandomAccessSplit.
 
-    The shuffle buffer (and so every iterator checkpoint, which stores it)
-    then holds JPEG/PNG bytes instead of decoded pixels: about 10x less for
-    VOC, 3-4x less for Cityscapes.
+    `tf.data.experimental.at` reads element `i` directly from datasets that
+    support random access (`from_tensor_slices`, `from_tensors`,
+    `concatenate`, `map`, `range`, ...).
     """
-    import tensorflow_datasets as tfds
+    if isinstance(source, records.RandomAccessSplit):
+        return source
+    count = int(source.cardinality())
+    if count < 0:
+        raise ValueError(
+            "a training source must have a known, finite number of elements (tf.data cardinality "
+            f"{count}): the training order permutes its indices"
+        )
+    return records.RandomAccessSplit(count, lambda i: tf.data.Dataset.from_tensors(tf.data.experimental.at(source, i)))
 
-    skip = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
-    ds = sources.load_split(data_config, split, decoders=skip)
 
-    def rename(e):
-        out = {"label_bytes": e["label"], "image_id": e["image_id"]}
-        if "image_strips" in e:
-            out.update(image_strips=e["image_strips"], strip_height=e["strip_height"])
-        else:
-            out["image_bytes"] = e["image"]
-        return out
+def training_examples(data_config, input_context=None, source=None) -> tf.data.Dataset:
+    """The raw training stream of one input pipeline: `(position, example)`, in the training order.
 
-    return ds.map(rename, num_parallel_calls=tf.data.AUTOTUNE)
+    Position `t` (int64) reads split index `order.example_index(t, ...)`:
+    every epoch a fresh uniform permutation of this pipeline's shard
+    (`fcn_tf.data.order`). `build_dataset` augments this stream.
+
+    Args:
+      data_config: a `fcn_tf.config.DataConfig` (dataset, split, seed).
+      input_context: a `tf.distribute.InputContext`, or None for one pipeline.
+      source: None (the prepared train split, `sources.random_access_split`),
+        a `records.RandomAccessSplit`, or a finite `tf.data.Dataset` that
+        supports `tf.data.experimental.at`.
+    """
+    if source is None:
+        from fcn_tf.data import sources
+
+        source = sources.random_access_split(data_config, data_config.train_split)
+    split = _random_access(source)
+    num_pipelines, pipeline_id = _pipeline_ids(input_context)
+    # One sequential read per element (a seek and one record); the decode
+    # and augmentation run after it in the parallel map.
+    return order.training_order(split.num_examples, data_config.seed, num_pipelines, pipeline_id).flat_map(
+        lambda position, index: split.read(index).map(lambda example: (position, example))
+    )
 
 
 def build_dataset(data_config, training: bool, input_context=None, source: tf.data.Dataset | None = None):
@@ -125,33 +152,29 @@ def build_dataset(data_config, training: bool, input_context=None, source: tf.da
       input_context: a `tf.distribute.InputContext` (from
         `distribute_datasets_from_function`): the source is sharded by input
         pipeline and batched per replica. None: one pipeline, global batch.
-      source: the raw examples (see module docstring); defaults to
-        `fcn_tf.data.sources.load_split` of the train or eval split.
+      source: the raw examples (see module docstring); defaults to the
+        prepared train split (read by random access) or eval split (read
+        in sorted order) of `data_config`. For training it must be finite
+        and support `tf.data.experimental.at` (from_tensor_slices,
+        from_tensors + concatenate, map, ...), or be a
+        `records.RandomAccessSplit`.
 
     Returns:
       the `tf.data.Dataset`.
     """
     c = data_config
-    if source is None:
-        from fcn_tf.data import sources
-
-        source = _encoded_split(sources, c, c.train_split if training else c.eval_split)
     num_pipelines, pipeline_id = _pipeline_ids(input_context)
-    ds = source
-    if num_pipelines > 1:
-        # Shard before shuffling so the shards are disjoint and fixed.
-        ds = ds.shard(num_pipelines, pipeline_id)
-
     if training:
         batch = c.global_batch_size
         if input_context is not None:
             batch = input_context.get_per_replica_batch_size(c.global_batch_size)
-        ds = ds.shuffle(c.shuffle_buffer, seed=c.seed, reshuffle_each_iteration=True)
-        ds = ds.repeat().enumerate()
+        ds = training_examples(c, input_context, source)
+        # The stream position seeds the augmentation: an element is a
+        # function of its position alone.
         base_seed = tf.constant([c.seed, pipeline_id], tf.int64)
 
-        def transform(index, example):
-            seed = tf.random.experimental.stateless_fold_in(base_seed, index)
+        def transform(position, example):
+            seed = tf.random.experimental.stateless_fold_in(base_seed, position)
             label = decode_label(example)
             if "image" in example:
                 return augment.train_transform(example["image"], label, seed, c)
@@ -162,6 +185,13 @@ def build_dataset(data_config, training: bool, input_context=None, source: tf.da
         ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(batch, drop_remainder=True)
     else:
+        if source is None:
+            from fcn_tf.data import sources
+
+            source = sources.encoded_split(c, c.eval_split)
+        ds = source
+        if num_pipelines > 1:
+            ds = ds.shard(num_pipelines, pipeline_id)
 
         def transform(example):
             image, label = decode_example(example)
@@ -177,6 +207,12 @@ def build_dataset(data_config, training: bool, input_context=None, source: tf.da
     ds = ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = True
+    if training:
+        # Every element is a function of its stream position (order and
+        # augmentation seeds alike), so a checkpoint need only hold the
+        # positions, not the decoded crops in flight in the map and prefetch
+        # buffers: a few kilobytes, whatever the split and batch size.
+        options.experimental_symbolic_checkpoint = True
     if input_context is not None:
         # We shard ourselves; tf.distribute must not shard again.
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF

@@ -1,9 +1,11 @@
 """Where the raw examples come from: preparing and reading the TFDS datasets.
 
 `prepare` builds one dataset from the files a user has on disk (the
-"manual directory") into DATA_DIR/NAME/VERSION; `load_split` and
-`num_examples` read it back for the input pipeline. DataConfig.dataset
-names the builder:
+"manual directory") into DATA_DIR/NAME/VERSION, with the byte offset of
+every stored example (`fcn_tf.data.records`); `load_split` reads a split
+back in its stored (sorted) order, `random_access_split` gives example `i`
+on demand for the training order, and `num_examples` counts.
+DataConfig.dataset names the builder:
 
   voc_aug     fcn_tf.data.voc.VocAug            -> DATA_DIR/voc_aug/1.0.0
   ade20k      fcn_tf.data.ade20k.Ade20k         -> DATA_DIR/ade20k/1.0.0
@@ -27,7 +29,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from fcn_tf.config import DataConfig
-from fcn_tf.data import strips, validate
+from fcn_tf.data import records, strips, validate
 from fcn_tf.data.ade20k import Ade20k
 from fcn_tf.data.builder import SegmentationBuilder
 from fcn_tf.data.cityscapes import Cityscapes
@@ -136,6 +138,8 @@ def prepare(
         )
         counts = {name: split.num_examples for name, split in builder.info.splits.items()}
         built = Path(builder.data_path)
+        shards = [f for split in builder.info.splits.values() for f in split.filenames]
+        records.write_index(str(built), [str(built / f) for f in shards])
         final = data_dir / built.relative_to(tmp)
         final.parent.mkdir(parents=True, exist_ok=True)
         previous = tmp / "previous"
@@ -242,3 +246,61 @@ def num_examples(data_config: DataConfig, split: str) -> int:
       split: e.g. "train", "validation", "train[:10]".
     """
     return _builder(data_config).info.splits[split].num_examples
+
+
+def _encoded_contract(example: dict, in_strips: bool) -> dict:
+    """A stored example with image and label still encoded, in `build_dataset`'s source contract."""
+    label = example["label"]
+    out = {"label_bytes": label, "image_id": example["image_id"]}
+    if in_strips:
+        out.update(image_strips=example["image_strips"], strip_height=example["strip_height"])
+    else:
+        out["image_bytes"] = example["image"]
+    return out
+
+
+def encoded_split(data_config: DataConfig, split: str) -> tf.data.Dataset:
+    """One pass over a split in stored (sorted id) order, image and label left encoded.
+
+    Args:
+      data_config: names the dataset and its data_dir.
+      split: a TFDS split or slice.
+
+    Returns:
+      A tf.data.Dataset of {"label_bytes", "image_id" and "image_bytes" or
+      "image_strips" + "strip_height"} (`fcn_tf.data.pipeline`'s source
+      contract), decoded later by the pipeline.
+    """
+    in_strips = "image_strips" in _builder(data_config).info.features
+    # "image" skipped keeps strips as strips (see load_split).
+    skip = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
+    ds = load_split(data_config, split, decoders=skip)
+    return ds.map(lambda e: _encoded_contract(e, in_strips), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def random_access_split(data_config: DataConfig, split: str) -> records.RandomAccessSplit:
+    """Example `i` of a prepared split on demand (`fcn_tf.data.records`).
+
+    Args:
+      data_config: names the dataset and its data_dir.
+      split: a TFDS split or slice.
+
+    Raises:
+      DatasetNotPreparedError: the message gives the prepare_data.py command.
+      records.CorruptShardError: the shards disagree with the dataset info.
+    """
+    builder = _builder(data_config)
+    info = builder.info.splits[split]
+    index = records.split_index(builder.data_path, info.file_instructions)
+    features = builder.info.features
+    in_strips = "image_strips" in features
+    decoders = {name: tfds.decode.SkipDecoding() for name in ("image", "label") if name in features}
+
+    def read(i):
+        return records.read_record(index, i).map(
+            lambda serialized: _encoded_contract(
+                features.deserialize_example(serialized, decoders=decoders), in_strips
+            )
+        )
+
+    return records.RandomAccessSplit(num_examples=len(index), read=read)

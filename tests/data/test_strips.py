@@ -85,7 +85,6 @@ def prepared(tmp_path, monkeypatch):
         scale_target=(64, 32),
         ratio_range=(0.5, 2.0),
         global_batch_size=2,
-        shuffle_buffer=4,
         eval_target=(32, 16),
         seed=5,
     )

@@ -116,8 +116,13 @@ class Measurement:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak resident set size so far, in MiB (Linux reports KiB).
+
+    At least the current size: the kernel updates its high-water mark from
+    per-thread counters in batches, so right after a growth it can lag the
+    current resident size by a few pages.
+    """
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, current_rss_mb())
 
 
 def current_rss_mb() -> float:

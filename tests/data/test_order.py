@@ -111,7 +111,6 @@ def test_build_dataset_augments_the_examples_of_the_order():
         {"image_bytes": images, "label_bytes": labels, "image_id": [str(k) for k in range(num)]}
     )
     cfg = DataConfig(
-        num_classes=8,
         crop_size=(16, 16),
         scale_target=(24, 20),
         global_batch_size=3,
@@ -177,7 +176,7 @@ def record_source(num, directory):
 
 
 def saved_state_bytes(source, directory):
-    cfg = DataConfig(num_classes=5, crop_size=(32, 32), scale_target=(48, 40), global_batch_size=4, seed=0)
+    cfg = DataConfig(crop_size=(32, 32), scale_target=(48, 40), global_batch_size=4, seed=0)
     iterator = iter(build_dataset(cfg, True, source=source))
     for _ in range(50):
         next(iterator)

@@ -24,7 +24,7 @@ def prepared(tmp_path_factory):
     synthetic.write_dataset(raw, num_train=NUM_TRAIN, num_val=3, seed=1, height=24, width=32)
     data_dir = tmp_path_factory.mktemp("tfds")
     result = sources.prepare("synthetic", raw, data_dir)
-    return DataConfig(dataset="synthetic", data_dir=str(data_dir), num_classes=5), result.path
+    return DataConfig(dataset="synthetic", data_dir=str(data_dir)), result.path
 
 
 def _stored(config, split="train"):
@@ -67,7 +67,7 @@ def test_a_dataset_prepared_without_an_index_is_read_from_the_record_headers(pre
     copy = tmp_path / "synthetic" / path.name
     shutil.copytree(path, copy)
     (copy / records.INDEX_FILE).unlink()
-    old = DataConfig(dataset="synthetic", data_dir=str(tmp_path), num_classes=5)
+    old = DataConfig(dataset="synthetic", data_dir=str(tmp_path))
     _assert_same_examples(_by_position(old), _stored(config))
 
 

@@ -41,6 +41,19 @@ def accelerators_visible() -> bool:
     return bool(tf.config.list_physical_devices("GPU") + tf.config.list_physical_devices("TPU"))
 
 
+def deterministic_accelerator() -> bool:
+    """Whether op determinism is on and a GPU or TPU is visible (imports TensorFlow).
+
+    There, ops without a deterministic GPU kernel (`tf.math.bincount`, a
+    scatter-add with repeated indices) raise or are not reproducible; the
+    metric and the sliding-window inference switch to deterministic
+    formulations.
+    """
+    from tensorflow.python.framework import config as tf_config
+
+    return bool(tf_config.is_op_determinism_enabled()) and accelerators_visible()
+
+
 def set_inter_op_threads(threads: int) -> int:
     """Sizes TensorFlow's inter-op thread pool; returns the size set (0: TensorFlow's default).
 

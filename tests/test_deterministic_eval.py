@@ -9,12 +9,11 @@ in order instead of a scatter-add); both must give the eager reference's
 confusion matrix.
 """
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
+from child_process import child_results, print_result
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -48,24 +47,12 @@ def _child():
                 "equal": bool((got == want).all()),
                 "pixels": int(want.sum()),
             }
-    print("RESULT " + json.dumps(results))
+    print_result(results)
 
 
 @pytest.fixture(scope="module")
 def results():
-    import tiny_models
-
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=tiny_models.subprocess_env(),
-        cwd=os.path.dirname(HERE),
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(lines[-1][len("RESULT ") :])
+    return child_results(__file__)
 
 
 @pytest.mark.parametrize("kernels", ["cpu", "accelerator"])

@@ -7,14 +7,13 @@ TensorFlow initializes.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from collections import Counter
 
 import numpy as np
 import pytest
+from child_process import child_results, print_result
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -208,24 +207,12 @@ def _child():
         "xla_sync_bn": _xla_two_replicas(strategy, sync_bn=True),
         "xla_plain_bn": _xla_two_replicas(strategy, sync_bn=False),
     }
-    print("RESULT " + json.dumps(result))
+    print_result(result)
 
 
 @pytest.fixture(scope="module")
 def results():
-    import tiny_models
-
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=tiny_models.subprocess_env(),
-        cwd=os.path.dirname(HERE),
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(lines[-1][len("RESULT ") :])
+    return child_results(__file__)
 
 
 STEP = ("outputs", "dx", "dgamma", "dbeta")

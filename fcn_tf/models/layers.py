@@ -295,14 +295,15 @@ def check_xla_sync_bn(devices, replicas: int) -> None:
 def sync_batch_norm(x, gamma, beta, epsilon: float, replica_ctx=None):
     """Training-mode BatchNorm of NHWC `x` over the global batch of all replicas.
 
-    One SUM all-reduce per pass. Forward: each replica puts its (count,
-    mean, sum of squared deviations) in its own row of a [replicas, 1 + 3C]
-    tensor (the statistics taken about a shift, one sample of the replica),
-    so the SUM gathers every replica's statistics; they are combined with
-    Chan et al.'s parallel formula (the squared deviations of the replica
-    means from the global mean are added), which stays exact where
-    E[x^2] - E[x]^2 in float32 loses the variance (inputs with mean 1e3 and
-    std 1). Backward: one packed SUM of (sum dy, sum dy * x_hat) per channel
+    One SUM all-reduce per pass. Forward: each replica puts its count, a
+    shift (one of its samples), its mean relative to the shift and its sum
+    of squared deviations from its mean in its own row of a
+    [replicas, 1 + 3C] tensor, so the SUM gathers every replica's
+    statistics; they are combined with Chan et al.'s parallel formula (the
+    squared deviations of the replica means from the global mean are
+    added). That stays exact where E[x^2] - E[x]^2 in float32 loses the
+    variance (inputs with mean 1e3 and std 1), and the global mean is kept
+    as shift + offset, so x - mean is exact to rounding too. Backward: one packed SUM of (sum dy, sum dy * x_hat) per channel
     gives the input gradient of the global normalization; the gamma and beta
     gradients are this replica's share (the train step sums gradients over
     replicas). Statistics and the normalization run in float32; `x` stays in
@@ -331,8 +332,8 @@ def sync_batch_norm(x, gamma, beta, epsilon: float, replica_ctx=None):
     reduce_axes = [0, 1, 2]
     x32 = tf.cast(x, tf.float32)
     # Statistics of x - shift, with one sample of this replica as the shift:
-    # sums of small deviations, not of large values (float32 rounds a mean of
-    # 1e3 to 3e-5, a tenth of a percent of a unit variance's square root).
+    # sums of small deviations, not of large values (float32 holds a mean
+    # near 1e3 only to ~3e-5, which would shift every normalized value).
     shift = tf.stop_gradient(x32[0, 0, 0])
     count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
     local_offset, local_variance = tf.nn.moments(x32 - shift, axes=reduce_axes)

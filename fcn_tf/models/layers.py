@@ -330,13 +330,16 @@ def sync_batch_norm(x, gamma, beta, epsilon: float, replica_ctx=None):
         check_xla_sync_bn(replica_ctx.strategy.extended.worker_devices, replicas)
     channels = x.shape[-1]
     reduce_axes = [0, 1, 2]
-    x32 = tf.cast(x, tf.float32)
     # Statistics of x - shift, with one sample of this replica as the shift:
     # sums of small deviations, not of large values (float32 holds a mean
     # near 1e3 only to ~3e-5, which would shift every normalized value).
-    shift = tf.stop_gradient(x32[0, 0, 0])
+    shift = tf.stop_gradient(tf.cast(x[0, 0, 0], tf.float32))
+
+    def shifted(x):
+        return tf.cast(x, tf.float32) - shift
+
     count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
-    local_offset, local_variance = tf.nn.moments(x32 - shift, axes=reduce_axes)
+    local_offset, local_variance = tf.nn.moments(shifted(x), axes=reduce_axes)
     row = tf.concat([count[None], shift, local_offset, local_variance * count], 0)
     replica = tf.cast(replica_ctx.replica_id_in_sync_group, tf.int32)
     rows = tf.scatter_nd(tf.reshape(replica, [1, 1]), row[None], [replicas, 1 + 3 * channels])
@@ -354,30 +357,32 @@ def sync_batch_norm(x, gamma, beta, epsilon: float, replica_ctx=None):
     spread = relative_means - delta
     variance = (tf.reduce_sum(squares, 0) + tf.reduce_sum(counts * spread * spread, 0)) / total
     mean = base + delta
+    # The global mean relative to this replica's shift (small: both are near the data).
+    mean_from_shift = (base - shift) + delta
     inv_std = tf.math.rsqrt(variance + epsilon)
-
-    def centered(x):
-        return (tf.cast(x, tf.float32) - base) - delta
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
-        # Centered first: x * scale - mean * scale would cancel for x near a large mean.
-        outputs = centered(x) * (inv_std * gamma) + beta
+        scale = gamma * inv_std
+        # From x - shift: x * scale - mean * scale would cancel for x near a large mean.
+        outputs = shifted(x) * scale + (beta - mean_from_shift * scale)
 
         def grad(dy):
             dy = tf.cast(dy, tf.float32)
             # Recomputed rather than kept from the forward: one float32 map less held.
-            x_c = centered(x)
-            local = tf.concat(
-                [tf.reduce_sum(dy, reduce_axes), tf.reduce_sum(dy * x_c, reduce_axes) * inv_std], 0
+            x_s = shifted(x)
+            # sum dy * x_hat = (sum dy * (x - shift) - mean_from_shift * sum dy) / std.
+            local_dy = tf.reduce_sum(dy, reduce_axes)
+            local_dy_x_hat = (tf.reduce_sum(dy * x_s, reduce_axes) - mean_from_shift * local_dy) * inv_std
+            sums = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, tf.concat([local_dy, local_dy_x_hat], 0)
             )
-            sums = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, local)
             sum_dy, sum_dy_x_hat = sums[:channels], sums[channels:]
-            # dx = k (dy - (sum dy + x_hat sum dy x_hat) / N), k = gamma / std, as
-            # per-channel factors of dy and x - mean: fewer passes over the map.
-            k = gamma * inv_std
-            dx = k * dy + (x_c * (-k * inv_std * sum_dy_x_hat / total) - k * sum_dy / total)
-            return tf.cast(dx, x.dtype), local[channels:], local[:channels]
+            # dx = scale (dy - (sum dy + x_hat sum dy x_hat) / N) as per-channel
+            # factors of dy and x - shift: fewer passes over the map.
+            slope = -scale * inv_std * sum_dy_x_hat / total
+            dx = scale * dy + (x_s * slope - (scale * sum_dy / total + mean_from_shift * slope))
+            return tf.cast(dx, x.dtype), local_dy_x_hat, local_dy
 
         return tf.cast(outputs, x.dtype), grad
 

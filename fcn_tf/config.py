@@ -25,6 +25,7 @@ STEMS = ("deep", "standard")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 COLLECTIVES = ("auto", "nccl", "ring")
 EVAL_MODES = ("whole", "slide")
+KERNELS = ("auto", "tensorflow", "cpu_fast")
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,12 @@ class ModelConfig:
       bn_momentum: BatchNorm momentum in Keras terms (PyTorch 0.1 == 0.9).
       bn_epsilon: BatchNorm epsilon.
       sync_bn: synchronize BatchNorm statistics across replicas.
+      kernels: the training step's kernels: "cpu_fast" (the hand-written
+        convolution gradients and the oneDNN BatchNorm choices of
+        `fcn_tf.models.layers`, tuned for CPUs), "tensorflow" (TensorFlow's
+        own gradients and fused BatchNorm everywhere: cuDNN on GPUs, XLA's
+        on TPUs) or "auto" ("cpu_fast" when no GPU or TPU is visible, else
+        "tensorflow"; decided once, when the model is built).
       pretrained_backbone: a converted ImageNet backbone (`.weights.h5`) to
         start from; "" trains from scratch.
       pretrained_backbone_source: where the reference publishes the
@@ -67,6 +74,7 @@ class ModelConfig:
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     sync_bn: bool = True
+    kernels: str = "auto"
     pretrained_backbone: str = ""
     pretrained_backbone_source: str = ""
 
@@ -157,6 +165,10 @@ class TrainerConfig:
       seed: seed of weight initialization.
       deterministic: enable TensorFlow op determinism (exact resume).
       jit_compile: compile the train step with XLA.
+      tf32: let GPUs of the Ampere generation and newer run float32 matmuls
+        and convolutions in TensorFloat-32 (10-bit mantissa). Off by default,
+        as the reference publishes its numbers without TF32; applied when
+        training starts.
       inter_op_threads: TensorFlow's inter-op pool (ops run side by side) in
         `scripts/train.py`: -1 (auto) = 1 on a machine without GPU/TPU, where
         each convolution already uses every core and running two ops at once
@@ -180,6 +192,7 @@ class TrainerConfig:
     seed: int = 0
     deterministic: bool = False
     jit_compile: bool = False
+    tf32: bool = False
     inter_op_threads: int = -1
     collective: str = "auto"
 
@@ -230,6 +243,7 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     check(m.backbone_depth in DEPTHS, f"model.backbone_depth={m.backbone_depth} not in {DEPTHS}")
     check(m.output_stride in OUTPUT_STRIDES, f"model.output_stride={m.output_stride} not in {OUTPUT_STRIDES}")
     check(m.stem in STEMS, f"model.stem={m.stem!r} not in {STEMS}")
+    check(m.kernels in KERNELS, f"model.kernels={m.kernels!r} not in {KERNELS}")
     check(m.num_classes >= 2, f"model.num_classes={m.num_classes} must be >= 2")
     check(m.head_num_convs >= 0, f"model.head_num_convs={m.head_num_convs} must be >= 0")
     check(m.head_channels > 0 and m.aux_channels > 0, "model head/aux channels must be positive")
@@ -273,6 +287,7 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     )
     check(t.aux_weight >= 0, f"trainer.aux_weight={t.aux_weight} must be >= 0")
     check(t.collective in COLLECTIVES, f"trainer.collective={t.collective!r} not in {COLLECTIVES}")
+    check(isinstance(t.tf32, bool), f"trainer.tf32={t.tf32!r} must be true or false")
     check(t.inter_op_threads >= -1, f"trainer.inter_op_threads={t.inter_op_threads} must be >= -1 (-1: auto)")
     check(e.mode in EVAL_MODES, f"eval.mode={e.mode!r} not in {EVAL_MODES}")
     check(len(e.scales) >= 1 and all(s > 0 for s in e.scales), f"eval.scales={e.scales} must be positive")

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
+from fcn_tf import runtime
 from fcn_tf.config import EvalConfig
 
 LogitsFn = Callable[[tf.Tensor], tf.Tensor]
@@ -113,7 +114,9 @@ def predict_slide(
     shape; the scores of the padding are cut off again before the resize.
     Overlapping window logits are summed and divided by how many windows
     covered each pixel. Windows run `window_batch` at a time, so memory is
-    bounded by that many crops plus one (h, w, C) accumulator.
+    bounded by that many crops plus one (h, w, C) accumulator. Under op
+    determinism on a GPU or TPU the windows are accumulated by deterministic
+    ops (`_add_windows_in_order`), with the same results.
 
     Args:
       logits_fn: images (n, ch, cw, 3) -> logits (n, ch, cw, C).
@@ -145,6 +148,9 @@ def predict_slide(
     grid_y, grid_x = tf.meshgrid(ys, xs, indexing="ij")
     starts = tf.stack([tf.reshape(grid_y, [-1]), tf.reshape(grid_x, [-1])], axis=1)  # (windows, 2)
     num_windows = tf.shape(starts)[0]
+    # A scatter-add of overlapping windows is not deterministic on a GPU
+    # (op determinism rejects it there); the CPU's is, and is the fastest.
+    deterministic = runtime.deterministic_accelerator()
 
     def body(i, sums, counts):
         chunk = starts[i : i + window_batch]  # (k, 2); the last chunk may be shorter
@@ -155,6 +161,9 @@ def predict_slide(
         crops = tf.reshape(tf.transpose(crops, [0, 3, 1, 2, 4]), [k * n, ch, cw, 3])
         logits = tf.cast(logits_fn(crops), tf.float32)
         logits = tf.transpose(tf.reshape(logits, [k, n, ch, cw, num_classes]), [0, 2, 3, 1, 4])
+
+        if deterministic:
+            return i + window_batch, *_add_windows_in_order(sums, counts, chunk, logits)
         indices = tf.stack(
             [
                 tf.broadcast_to(rows[:, :, None], [k, ch, cw]),
@@ -175,6 +184,41 @@ def predict_slide(
     logits = sums[:h, :w] / counts[:h, :w, None, None]  # every pixel is covered at least once
     logits = tf.transpose(logits, [2, 0, 1, 3])  # (N, h, w, C)
     return _resize(logits, out_size)
+
+
+def _update_slice(tensor, begin, value):
+    # `tensor` with the block at `begin` replaced by `value` (XLA's dynamic_update_slice).
+    return tf.raw_ops.TensorStridedSliceUpdate(
+        input=tensor, begin=begin, end=begin + tf.shape(value), strides=tf.ones_like(begin), value=value
+    )
+
+
+def _add_windows_in_order(sums, counts, starts, logits):
+    """`predict_slide`'s accumulation by deterministic ops: one window at a time, in order.
+
+    Each window's slice of the sums is read, added to and written back: the
+    same additions in the same order as the scatter-add (identical results),
+    without atomic adds. Slower on a CPU (each write copies the sums), hence
+    only where op determinism is on and an accelerator runs it.
+
+    Args:
+      sums: float32 (ph, pw, N, C) running sums of logits.
+      counts: float32 (ph, pw) windows covering each pixel so far.
+      starts: int32 (k, 2) window offsets (y, x).
+      logits: float32 (k, ch, cw, N, C) the windows' logits.
+    """
+    window_shape = tf.shape(logits)[1:]
+
+    def add(j, sums, counts):
+        begin = tf.concat([starts[j], [0, 0]], 0)
+        sums = _update_slice(sums, begin, tf.slice(sums, begin, window_shape) + logits[j])
+        covered = tf.slice(counts, starts[j], window_shape[:2]) + 1.0
+        return j + 1, sums, _update_slice(counts, starts[j], covered)
+
+    _, sums, counts = tf.while_loop(
+        lambda j, *_: j < tf.shape(starts)[0], add, (tf.constant(0), sums, counts), parallel_iterations=1
+    )
+    return sums, counts
 
 
 def scaled_size(size, scale: float) -> tf.Tensor:

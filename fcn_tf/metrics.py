@@ -32,12 +32,17 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from fcn_tf import runtime
+
 
 def confusion_matrix_update(labels, predictions, num_classes: int, ignore_label: int = 255) -> tf.Tensor:
     """The int64 confusion matrix of one batch, in pure TensorFlow.
 
     Usable inside a `tf.function` replica step; sum the per-replica results
-    with `strategy.reduce(tf.distribute.ReduceOp.SUM, cm, axis=None)`.
+    with `strategy.reduce(tf.distribute.ReduceOp.SUM, cm, axis=None)`. Works
+    under `tf.config.experimental.enable_op_determinism()` on a GPU too (the
+    counts then come from a sort instead of `tf.math.bincount`; the same
+    integers).
 
     Args:
       labels: integer tensor of any shape; values in [0, num_classes) or
@@ -79,10 +84,26 @@ def confusion_matrix_update(labels, predictions, num_classes: int, ignore_label:
     ]
     with tf.control_dependencies(checks):
         flat = labels * num_classes + predictions
-    counts = tf.math.bincount(
-        flat, minlength=num_classes * num_classes, maxlength=num_classes * num_classes, dtype=tf.int64
-    )
+    size = num_classes * num_classes
+    # `tf.math.bincount` has no deterministic GPU kernel: under op determinism
+    # it raises there. Its CPU kernel is deterministic and stays the CPU path.
+    if runtime.deterministic_accelerator():
+        counts = _counts_by_sorting(flat, size)
+    else:
+        counts = tf.math.bincount(flat, minlength=size, maxlength=size, dtype=tf.int64)
     return tf.reshape(counts, [num_classes, num_classes])
+
+
+def _counts_by_sorting(flat, size: int) -> tf.Tensor:
+    """`bincount(flat)` over [0, size) from deterministic ops on every device.
+
+    The sorted values are unique whatever the sort's algorithm, and each
+    count is the distance between the first positions of two consecutive
+    values (`searchsorted`): exact integers, no atomic adds.
+    """
+    ordered = tf.sort(tf.cast(flat, tf.int32))
+    edges = tf.searchsorted(ordered, tf.range(size + 1, dtype=tf.int32), side="left", out_type=tf.int64)
+    return edges[1:] - edges[:-1]
 
 
 def _to_numpy(x) -> np.ndarray:

@@ -41,7 +41,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from fcn_tf import checkpoints, distribute, summaries
+from fcn_tf import checkpoints, distribute, runtime, summaries
 from fcn_tf.config import WORKDIR_CONFIG, ExperimentConfig, to_json, validate
 from fcn_tf.losses import global_valid_pixel_count, segmentation_losses
 from fcn_tf.optimizers import build_optimizer
@@ -477,6 +477,7 @@ def train(
     """
     config = validate(config)
     strategy = strategy or distribute.make_strategy("auto")
+    runtime.apply_training_settings(config, strategy)  # TF32; XLA + SyncBN refused where unsupported
     chief = distribute.is_chief(strategy)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     replicas = strategy.num_replicas_in_sync

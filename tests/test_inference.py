@@ -217,3 +217,29 @@ def test_model_logits_fn_reads_dict_output_in_inference_mode():
     fn = model_logits_fn(model)
     np.testing.assert_allclose(fn(x), fn(x))  # dropout off: deterministic
     assert fn(x).dtype == tf.float32 and fn(x).shape == (1, 4, 6, C)
+
+
+@pytest.mark.parametrize(
+    "size,crop,stride,window_batch",
+    [((20, 37), (8, 12), (5, 7), 3), ((9, 9), (9, 9), (6, 6), 1), ((5, 7), (8, 12), (4, 6), 2)],
+)
+def test_slide_accumulation_for_op_determinism_on_accelerators_is_bit_identical(
+    size, crop, stride, window_batch, monkeypatch
+):
+    from fcn_tf import runtime
+
+    x = image(*size, n=2)
+
+    def run(x):
+        return predict_slide(contextual, x, size, crop, stride, window_batch, C)
+
+    scattered = tf.function(run)(x).numpy()
+    monkeypatch.setattr(runtime, "deterministic_accelerator", lambda: True)
+    # A fresh trace (the decision is taken when tracing), and eagerly.
+    for ordered in (tf.function(run)(x), run(x)):
+        np.testing.assert_array_equal(ordered.numpy(), scattered)
+    graph = tf.function(run).get_concrete_function(x).graph
+    types = {op.type for op in graph.get_operations()}
+    for function in graph.as_graph_def().library.function:
+        types |= {node.op for node in function.node_def}
+    assert "TensorScatterAdd" not in types and "TensorStridedSliceUpdate" in types

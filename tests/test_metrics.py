@@ -179,3 +179,23 @@ def test_two_logical_cpus_equal_one():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout
+
+
+def test_counts_for_op_determinism_on_accelerators_equal_bincount(monkeypatch):
+    from fcn_tf import runtime
+
+    rng = np.random.default_rng(5)
+    cases = [
+        (rng.integers(0, 7, (3, 31, 17)), rng.integers(0, 7, (3, 31, 17)), 7),
+        (np.full((2, 4), 255), np.zeros((2, 4)), 3),  # every pixel ignored
+        (rng.integers(0, 150, (1, 64, 64)), rng.integers(0, 150, (1, 64, 64)), 150),
+    ]
+    for labels, predictions, num_classes in cases:
+        labels[rng.random(labels.shape) < 0.1] = 255
+        monkeypatch.setattr(runtime, "deterministic_accelerator", lambda: False)
+        want = confusion_matrix_update(labels, predictions, num_classes).numpy()
+        monkeypatch.setattr(runtime, "deterministic_accelerator", lambda: True)
+        got = tf.function(lambda a, b, c=num_classes: confusion_matrix_update(a, b, c))(labels, predictions)
+        assert got.dtype == tf.int64
+        np.testing.assert_array_equal(got.numpy(), want)
+        np.testing.assert_array_equal(want, ConfusionMatrix(num_classes).update(labels, predictions).matrix)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from keras import layers
 
-from fcn_tf.models.layers import BatchNorm, Conv2D
+from fcn_tf.models.layers import BatchNorm, Conv2D, resolve_kernels
 
 
 def fcn_head(
@@ -21,6 +21,7 @@ def fcn_head(
     bn_momentum: float = 0.9,
     bn_epsilon: float = 1e-5,
     sync_bn: bool = False,
+    kernels: str = "auto",
     name: str = "head",
 ):
     """Applies an FCN head to a feature map; returns logits at its resolution.
@@ -34,9 +35,12 @@ def fcn_head(
       bn_momentum: BatchNorm momentum in Keras terms.
       bn_epsilon: BatchNorm epsilon.
       sync_bn: synchronize BatchNorm statistics across replicas.
+      kernels: "auto", "tensorflow" or "cpu_fast" (see
+        `fcn_tf.models.layers.resolve_kernels`).
       name: prefix of the layer names (`{name}_conv{i}`, `{name}_bn{i}`,
         `{name}_classifier`).
     """
+    kernels = resolve_kernels(kernels)
     for i in range(1, num_convs + 1):
         x = Conv2D(
             channels,
@@ -44,9 +48,16 @@ def fcn_head(
             padding="same",
             use_bias=False,
             kernel_initializer="he_normal",
+            kernels=kernels,
             name=f"{name}_conv{i}",
         )(x)
-        x = BatchNorm(momentum=bn_momentum, epsilon=bn_epsilon, synchronized=sync_bn, name=f"{name}_bn{i}")(x)
+        x = BatchNorm(
+            momentum=bn_momentum,
+            epsilon=bn_epsilon,
+            synchronized=sync_bn,
+            kernels=kernels,
+            name=f"{name}_bn{i}",
+        )(x)
         x = layers.ReLU(name=f"{name}_relu{i}")(x)
     if dropout > 0:
         x = layers.SpatialDropout2D(dropout, name=f"{name}_dropout")(x)
@@ -58,4 +69,5 @@ def fcn_head(
         name=f"{name}_classifier",
         kernel_initializer="random_normal",
         bias_initializer="zeros",
+        kernels=kernels,
     )(x)

@@ -23,6 +23,16 @@ BatchNorm: the training step runs as fused kernels (see the class).
 With oneDNN on a CPU, two choices depend on the channel count, measured
 (constants below): narrow 1x1 filter gradients use oneDNN's own kernel, and
 wide BatchNorms compute their statistics by reductions.
+
+All of this is CPU tuning. Each layer takes `kernels`: "cpu_fast" runs the
+gradients above, "tensorflow" TensorFlow's own (cuDNN's backprop kernels on
+a GPU, which XLA can also use) and the fused BatchNorm, "auto" picks
+"cpu_fast" only when no GPU or TPU is visible (`resolve_kernels`; the model
+builders resolve it once and hand the result to every layer).
+
+With BatchNorm synchronized across replicas, each layer exchanges one packed
+tensor in the forward pass and one in the backward pass
+(`sync_batch_norm`).
 """
 
 from __future__ import annotations
@@ -31,10 +41,12 @@ import functools
 
 import keras
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 
-from fcn_tf.runtime import accelerators_visible, onednn_enabled
+from fcn_tf import runtime
+from fcn_tf.config import KERNELS
 
-# Kernel choices made only where oneDNN runs and no GPU or TPU is visible
+# Kernel choices of the "cpu_fast" kernels made only where oneDNN runs
 # (TF_ENABLE_ONEDNN_OPTS=1 is the training default on CPU, see
 # fcn_tf.runtime.prefer_onednn), from measurements on the project's CPU at
 # the R50-D8 shapes (BENCHMARKS.md). Both sides of each choice compute the
@@ -54,9 +66,33 @@ _ONEDNN_REDUCED_BN_MIN_CHANNELS = 1024
 _FILTER_GRAD_ROWWISE_MIN_WIDTH = 9 * 512
 
 
+# Name scope of the ops only the "cpu_fast" kernels make (hand-written
+# gradients, BatchNorm by reductions): the GPU check and the tests look for it
+# in a traced train step (it must not appear on an accelerator).
+CPU_KERNEL_SCOPE = "cpu_fast"
+
+
 @functools.cache
 def _onednn() -> bool:
-    return onednn_enabled() and not accelerators_visible()
+    # Fixed for the process: TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, at import.
+    return runtime.onednn_enabled()
+
+
+def resolve_kernels(kernels: str) -> str:
+    """The kernels a layer runs: "cpu_fast" or "tensorflow" (see the module docstring).
+
+    Args:
+      kernels: "auto" ("cpu_fast" when `fcn_tf.runtime.accelerators_visible()`
+        is false, else "tensorflow"), "tensorflow" or "cpu_fast".
+
+    Raises:
+      ValueError: an unknown value.
+    """
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels={kernels!r} not in {KERNELS}")
+    if kernels == "auto":
+        return "tensorflow" if runtime.accelerators_visible() else "cpu_fast"
+    return kernels
 
 
 def _input_grad(dy, kernel, dilation: int):
@@ -142,7 +178,8 @@ def conv2d_same(x, kernel, dilation: int = 1):
         y = tf.nn.convolution(x, kernel, padding="SAME", dilations=dilation)
 
         def grad(dy):
-            return _input_grad(dy, kernel, dilation), _filter_grad(x, dy, kernel_size, dilation)
+            with tf.name_scope(CPU_KERNEL_SCOPE):
+                return _input_grad(dy, kernel, dilation), _filter_grad(x, dy, kernel_size, dilation)
 
         return y, grad
 
@@ -153,14 +190,29 @@ def conv2d_same(x, kernel, dilation: int = 1):
 class Conv2D(keras.layers.Conv2D):
     """`keras.layers.Conv2D` using `conv2d_same` where it applies.
 
-    That is: stride 1, "same" padding (or a 1x1 kernel), a square odd kernel, equal dilations,
-    channels-last. Every other configuration runs Keras' own convolution.
+    That is: with the "cpu_fast" kernels, stride 1, "same" padding (or a 1x1
+    kernel), a square odd kernel, equal dilations, channels-last. Every other
+    configuration runs Keras' own convolution.
+
+    Args:
+      *args: as `keras.layers.Conv2D`.
+      kernels: "auto", "tensorflow" or "cpu_fast" (`resolve_kernels`); the
+        resolved value is kept in the config.
+      **kwargs: as `keras.layers.Conv2D`.
     """
+
+    def __init__(self, *args, kernels: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kernels = resolve_kernels(kernels)
+
+    def get_config(self):
+        return {**super().get_config(), "kernels": self.kernels}
 
     def _fast_backward(self) -> bool:
         k = self.kernel_size
         return (
-            tuple(self.strides) == (1, 1)
+            self.kernels == "cpu_fast"
+            and tuple(self.strides) == (1, 1)
             and (self.padding == "same" or k == (1, 1))
             and self.data_format == "channels_last"
             and k[0] == k[1]
@@ -185,12 +237,14 @@ def _batch_norm_by_reductions(x, gamma, beta, epsilon: float):
     fused forward kernel hands them on). Mean and variance are constants to
     the tape here: the fused gradient already includes their dependence on x.
     """
-    mean, variance = tf.nn.moments(x, axes=[0, 1, 2])
+    # Under mixed precision `x` stays in its compute dtype (the one copy the
+    # backward keeps); only the transient float32 casts feed the statistics.
+    mean, variance = tf.nn.moments(tf.cast(x, tf.float32), axes=[0, 1, 2])
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
         scale = gamma * tf.math.rsqrt(variance + epsilon)
-        outputs = x * scale + (beta - mean * scale)
+        outputs = tf.cast(tf.cast(x, tf.float32) * scale + (beta - mean * scale), x.dtype)
 
         def grad(dy):
             dx, dgamma, dbeta, *_ = tf.raw_ops.FusedBatchNormGradV3(
@@ -210,6 +264,131 @@ def _batch_norm_by_reductions(x, gamma, beta, epsilon: float):
     return normalize(x, gamma, beta), mean, variance
 
 
+class SyncBatchNormXlaError(RuntimeError):
+    """XLA with BatchNorm synchronized over replicas that are not all GPUs (see `check_xla_sync_bn`)."""
+
+
+def check_xla_sync_bn(devices, replicas: int) -> None:
+    """Refuses XLA-compiled synchronized BatchNorm where TensorFlow cannot run it.
+
+    TensorFlow runs a cross-replica all-reduce inside a jit-compiled function
+    only when every replica is a GPU (MirroredStrategy's and
+    MultiWorkerMirroredStrategy's `_use_merge_call`); elsewhere the all-reduce
+    becomes a `merge_call` inside the compiled function, which fails (tried on
+    2 CPU replicas with TensorFlow 2.21).
+
+    Args:
+      devices: the replicas' device strings (`strategy.extended.worker_devices`).
+      replicas: replicas in sync; one replica needs no all-reduce.
+
+    Raises:
+      SyncBatchNormXlaError: several replicas, not all of them GPUs.
+    """
+    if replicas > 1 and not all(tf.DeviceSpec.from_string(d).device_type == "GPU" for d in devices):
+        raise SyncBatchNormXlaError(
+            f"trainer.jit_compile=true with BatchNorm synchronized over {replicas} replicas on "
+            f"{', '.join(devices)}: TensorFlow compiles the cross-replica all-reduce into XLA only when every "
+            "replica is a GPU; set trainer.jit_compile=false or model.sync_bn=false"
+        )
+
+
+def sync_batch_norm(x, gamma, beta, epsilon: float, replica_ctx=None):
+    """Training-mode BatchNorm of NHWC `x` over the global batch of all replicas.
+
+    One SUM all-reduce per pass. Forward: each replica puts its count, a
+    shift (one of its samples), its mean relative to the shift and its sum
+    of squared deviations from its mean in its own row of a
+    [replicas, 1 + 3C] tensor, so the SUM gathers every replica's
+    statistics; they are combined with Chan et al.'s parallel formula (the
+    squared deviations of the replica means from the global mean are
+    added). That stays exact where E[x^2] - E[x]^2 in float32 loses the
+    variance (inputs with mean 1e3 and std 1), and the global mean is kept
+    as shift + offset, so x - mean is exact to rounding too. Backward: one packed SUM of (sum dy, sum dy * x_hat) per channel
+    gives the input gradient of the global normalization; the gamma and beta
+    gradients are this replica's share (the train step sums gradients over
+    replicas). Statistics and the normalization run in float32; `x` stays in
+    its dtype (the copy the backward keeps).
+
+    Args:
+      x: NHWC tensor (float32, float16 or bfloat16).
+      gamma: float32 (C,) scale.
+      beta: float32 (C,) offset.
+      epsilon: added to the variance.
+      replica_ctx: the replica context (default: the current one).
+
+    Returns:
+      (outputs in x.dtype, global mean, global biased variance), the
+      statistics float32 (C,).
+
+    Raises:
+      SyncBatchNormXlaError: traced inside XLA on replicas that are not all GPUs.
+    """
+    replica_ctx = replica_ctx or tf.distribute.get_replica_context()
+    replicas = replica_ctx.num_replicas_in_sync
+    if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+        # Also checked before training starts (fcn_tf.runtime); this covers other callers.
+        check_xla_sync_bn(replica_ctx.strategy.extended.worker_devices, replicas)
+    channels = x.shape[-1]
+    reduce_axes = [0, 1, 2]
+    # Statistics of x - shift, with one sample of this replica as the shift:
+    # sums of small deviations, not of large values (float32 holds a mean
+    # near 1e3 only to ~3e-5, which would shift every normalized value).
+    shift = tf.stop_gradient(tf.cast(x[0, 0, 0], tf.float32))
+
+    def shifted(x):
+        return tf.cast(x, tf.float32) - shift
+
+    count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
+    local_offset, local_variance = tf.nn.moments(shifted(x), axes=reduce_axes)
+    row = tf.concat([count[None], shift, local_offset, local_variance * count], 0)
+    replica = tf.cast(replica_ctx.replica_id_in_sync_group, tf.int32)
+    rows = tf.scatter_nd(tf.reshape(replica, [1, 1]), row[None], [replicas, 1 + 3 * channels])
+    # Statistics are constants to the tape: `normalize`'s gradient accounts
+    # for their dependence on x (and no gradient all-reduce is made for them).
+    rows = tf.stop_gradient(replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, rows))
+    counts, shifts = rows[:, :1], rows[:, 1 : 1 + channels]
+    offsets, squares = rows[:, 1 + channels : 1 + 2 * channels], rows[:, 1 + 2 * channels :]
+    total = tf.reduce_sum(counts)
+    # Every replica's mean relative to replica 0's shift; the global mean is
+    # shift + delta, kept in two parts so x - mean stays exact to rounding.
+    base = shifts[0]
+    relative_means = (shifts - base) + offsets
+    delta = tf.reduce_sum(counts * relative_means, 0) / total
+    spread = relative_means - delta
+    variance = (tf.reduce_sum(squares, 0) + tf.reduce_sum(counts * spread * spread, 0)) / total
+    mean = base + delta
+    # The global mean relative to this replica's shift (small: both are near the data).
+    mean_from_shift = (base - shift) + delta
+    inv_std = tf.math.rsqrt(variance + epsilon)
+
+    @tf.custom_gradient
+    def normalize(x, gamma, beta):
+        scale = gamma * inv_std
+        # From x - shift: x * scale - mean * scale would cancel for x near a large mean.
+        outputs = shifted(x) * scale + (beta - mean_from_shift * scale)
+
+        def grad(dy):
+            dy = tf.cast(dy, tf.float32)
+            # Recomputed rather than kept from the forward: one float32 map less held.
+            x_s = shifted(x)
+            # sum dy * x_hat = (sum dy * (x - shift) - mean_from_shift * sum dy) / std.
+            local_dy = tf.reduce_sum(dy, reduce_axes)
+            local_dy_x_hat = (tf.reduce_sum(dy * x_s, reduce_axes) - mean_from_shift * local_dy) * inv_std
+            sums = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, tf.concat([local_dy, local_dy_x_hat], 0)
+            )
+            sum_dy, sum_dy_x_hat = sums[:channels], sums[channels:]
+            # dx = scale (dy - (sum dy + x_hat sum dy x_hat) / N) as per-channel
+            # factors of dy and x - shift: fewer passes over the map.
+            slope = -scale * inv_std * sum_dy_x_hat / total
+            dx = scale * dy + (x_s * slope - (scale * sum_dy / total + mean_from_shift * slope))
+            return tf.cast(dx, x.dtype), local_dy_x_hat, local_dy
+
+        return tf.cast(outputs, x.dtype), grad
+
+    return normalize(x, gamma, beta), mean, variance
+
+
 @keras.saving.register_keras_serializable(package="fcn_tf")
 class BatchNorm(keras.layers.BatchNormalization):
     """`keras.layers.BatchNormalization` whose training step runs as fused kernels.
@@ -218,45 +397,81 @@ class BatchNorm(keras.layers.BatchNormalization):
     `batch_normalization`), several passes over every feature map;
     `tf.nn.fused_batch_norm` does the forward and the backward in one kernel
     each. Measured on the R50-D8 train step at 512x512: about 3% faster and
-    100-180 MB less peak memory (BENCHMARKS.md). Under oneDNN on a CPU, from
-    1024 channels, the forward is two reductions and one multiply-add
-    instead (`_batch_norm_by_reductions`; the backward stays fused): oneDNN's
-    fused forward is slow on such wide maps (-0.2 s per R50-D8 step).
+    100-180 MB less peak memory (BENCHMARKS.md). With the "cpu_fast" kernels
+    under oneDNN, from 1024 channels, the forward is two reductions and one
+    multiply-add instead (`_batch_norm_by_reductions`; the backward stays
+    fused): oneDNN's fused forward is slow on such wide maps (-0.2 s per
+    R50-D8 step). Under mixed precision the fused kernel takes the
+    (b)float16 input itself, with float32 statistics, scale and offset.
+
+    Synchronized (`synchronized=True`), the training step is `sync_batch_norm`:
+    one packed all-reduce per pass instead of Keras' several.
 
     The moving statistics are updated exactly as Keras does (with the biased
-    batch variance, so this path and Keras' synchronized one agree).
-    Inference, synchronized BatchNorm (one fused kernel cannot all-reduce
-    across replicas), masks, renorm and inputs other than 4-D channels-last
-    run Keras' own implementation; the variables are the same in both paths.
+    batch variance, as Keras' synchronized implementation). Inference,
+    masks, renorm and inputs other than 4-D channels-last run Keras' own
+    implementation; the variables are the same in every path (checkpoints
+    are interchangeable).
+
+    Args:
+      *args: as `keras.layers.BatchNormalization`.
+      kernels: "auto", "tensorflow" or "cpu_fast" (`resolve_kernels`); the
+        resolved value is kept in the config.
+      **kwargs: as `keras.layers.BatchNormalization`.
     """
 
-    def _can_fuse(self, inputs, training, mask) -> bool:
+    # False: synchronized layers run Keras' own synchronized implementation
+    # (for side-by-side comparisons; same variables and statistics).
+    packed_sync = True
+
+    def __init__(self, *args, kernels: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kernels = resolve_kernels(kernels)
+
+    def get_config(self):
+        return {**super().get_config(), "kernels": self.kernels}
+
+    def _trains_with_own_kernels(self, inputs, training, mask) -> bool:
         return bool(
             training
             and self.trainable
-            and not self.synchronized
             and not self.renorm
             and mask is None
             and self.center
             and self.scale
             and len(inputs.shape) == 4
             and self.axis in (-1, 3)
+            and inputs.dtype in (tf.float32, tf.float16, tf.bfloat16)
+        )
+
+    def _can_fuse(self, inputs, training, mask) -> bool:
+        return not self.synchronized and self._trains_with_own_kernels(inputs, training, mask)
+
+    def _can_sync(self, inputs, training, mask) -> bool:
+        return (
+            self.synchronized
+            and self.packed_sync
+            and tf.distribute.in_cross_replica_context() is False
+            and self._trains_with_own_kernels(inputs, training, mask)
         )
 
     def call(self, inputs, training=None, mask=None):
-        if not self._can_fuse(inputs, training, mask):
+        gamma, beta = tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32)
+        if self._can_sync(inputs, training, mask):
+            outputs, mean, variance = sync_batch_norm(inputs, gamma, beta, self.epsilon)
+        elif not self._can_fuse(inputs, training, mask):
             return super().call(inputs, training=training, mask=mask)
-        # As Keras: statistics in float32 whatever the compute dtype.
-        x = tf.cast(inputs, tf.float32)
-        gamma, beta = tf.convert_to_tensor(self.gamma), tf.convert_to_tensor(self.beta)
-        if _onednn() and x.shape[-1] >= _ONEDNN_REDUCED_BN_MIN_CHANNELS:
-            outputs, mean, variance = _batch_norm_by_reductions(x, gamma, beta, self.epsilon)
+        elif self.kernels == "cpu_fast" and _onednn() and inputs.shape[-1] >= _ONEDNN_REDUCED_BN_MIN_CHANNELS:
+            with tf.name_scope(CPU_KERNEL_SCOPE):
+                outputs, mean, variance = _batch_norm_by_reductions(inputs, gamma, beta, self.epsilon)
         else:
+            # Statistics in float32 whatever the compute dtype, as Keras; the
+            # kernel reads (b)float16 input directly.
             outputs, mean, unbiased_variance, *_ = tf.compat.v1.nn.fused_batch_norm(
-                x, gamma, beta, epsilon=self.epsilon, data_format="NHWC", is_training=True
+                inputs, gamma, beta, epsilon=self.epsilon, data_format="NHWC", is_training=True
             )
             # The kernel returns the Bessel-corrected variance; Keras averages the biased one.
-            count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+            count = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], tf.float32)
             variance = unbiased_variance * (count - 1.0) / tf.maximum(count, 1.0)
         self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
         self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from fcn_tf.models.layers import BatchNorm, Conv2D
+from fcn_tf.models.layers import BatchNorm, Conv2D, resolve_kernels
 
 # output_stride -> (strides of layer1..4, dilations of layer1..4).
 STAGE_STRIDES_DILATIONS = {
@@ -48,10 +48,11 @@ def stage_channels(depth: int) -> tuple[int, ...]:
 class _Builder:
     """Creates named conv / BN / ReLU layers with shared settings."""
 
-    def __init__(self, bn_momentum: float, bn_epsilon: float, sync_bn: bool):
+    def __init__(self, bn_momentum: float, bn_epsilon: float, sync_bn: bool, kernels: str):
         self.bn_momentum = bn_momentum
         self.bn_epsilon = bn_epsilon
         self.sync_bn = sync_bn
+        self.kernels = kernels
 
     def conv(self, x, filters, kernel, name, stride=1, dilation=1, use_bias=False):
         if kernel > 1 and stride > 1:
@@ -69,6 +70,7 @@ class _Builder:
             padding=padding,
             use_bias=use_bias,
             kernel_initializer="he_normal",
+            kernels=self.kernels,
             name=name,
         )(x)
 
@@ -77,6 +79,7 @@ class _Builder:
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
             synchronized=self.sync_bn,
+            kernels=self.kernels,
             name=name,
         )(x)
 
@@ -120,6 +123,7 @@ def build_resnet(
     bn_momentum: float = 0.9,
     bn_epsilon: float = 1e-5,
     sync_bn: bool = False,
+    kernels: str = "auto",
     name: str = "backbone",
 ) -> keras.Model:
     """Builds a dilated ResNet returning `{"layer1", ..., "layer4"}` features.
@@ -132,6 +136,8 @@ def build_resnet(
       bn_momentum: BatchNorm momentum in Keras terms.
       bn_epsilon: BatchNorm epsilon.
       sync_bn: synchronize BatchNorm statistics across replicas.
+      kernels: "auto", "tensorflow" or "cpu_fast" (see
+        `fcn_tf.models.layers.resolve_kernels`), resolved once here.
       name: model name.
 
     Returns:
@@ -143,7 +149,7 @@ def build_resnet(
         raise ValueError(
             f"unsupported output_stride {output_stride}; choose from {sorted(STAGE_STRIDES_DILATIONS)}"
         )
-    b = _Builder(bn_momentum, bn_epsilon, sync_bn)
+    b = _Builder(bn_momentum, bn_epsilon, sync_bn, resolve_kernels(kernels))
     kind, blocks = DEPTH_BLOCKS[depth]
     strides, dilations = STAGE_STRIDES_DILATIONS[output_stride]
 

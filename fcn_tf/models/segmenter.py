@@ -14,6 +14,7 @@ from keras import layers
 
 from fcn_tf.config import ModelConfig
 from fcn_tf.models.fcn_head import fcn_head
+from fcn_tf.models.layers import resolve_kernels
 from fcn_tf.models.resnet import build_resnet
 
 
@@ -46,13 +47,16 @@ def build_fcn(config: ModelConfig, sync_bn: bool | None = None, name: str = "fcn
       config: the model section of an experiment.
       sync_bn: force BatchNorm synchronization on or off; by default it is
         on when `config.sync_bn` and the current strategy has several replicas
-        (so build inside `strategy.scope()`).
+        (so build inside `strategy.scope()`). Synchronized layers exchange one
+        packed tensor per pass (`fcn_tf.models.layers.sync_batch_norm`).
       name: model name.
 
     Returns:
       A functional keras.Model with a nested "backbone" model and dict outputs.
     """
     sync = _sync_bn(config) if sync_bn is None else sync_bn
+    # Decided once for the whole model: every layer gets the same kernels.
+    kernels = resolve_kernels(config.kernels)
     backbone = build_resnet(
         depth=config.backbone_depth,
         output_stride=config.output_stride,
@@ -60,8 +64,9 @@ def build_fcn(config: ModelConfig, sync_bn: bool | None = None, name: str = "fcn
         bn_momentum=config.bn_momentum,
         bn_epsilon=config.bn_epsilon,
         sync_bn=sync,
+        kernels=kernels,
     )
-    norm = dict(bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon, sync_bn=sync)
+    norm = dict(bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon, sync_bn=sync, kernels=kernels)
     image = keras.Input(shape=(None, None, 3), name="image")
     features = backbone(image)
     outputs = {}

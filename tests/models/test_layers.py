@@ -270,3 +270,34 @@ def test_layers_with_onednn_kernels():
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and " failed" not in out.stdout
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fused_batch_norm_reads_the_compute_dtype_under_mixed_precision(dtype, kernel_choices):
+    # The kernel takes (b)float16 input with float32 statistics: no float32
+    # copy of the input is made, nor kept for the backward.
+    layer = BatchNorm(momentum=0.9, epsilon=1e-5, dtype=f"mixed_{dtype}")
+    layer.build((None, None, None, 8))
+    x = tf.cast(tf.random.stateless_normal([2, 5, 6, 8], seed=[1, 2]) * 3 + 2, dtype)
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        return y, tape.gradient(y, x, output_gradients=tf.ones_like(y) * tf.cast(2.0, y.dtype))
+
+    graph = traced_graph(step, x)
+    fused = [op for op in graph.get_operations() if op.type.startswith("FusedBatchNorm")]
+    assert fused and all(op.get_attr("T") == tf.as_dtype(dtype) for op in fused)
+    assert all(op.get_attr("U") == tf.float32 for op in fused)
+    casts_of_input = [
+        op for op in graph.get_operations() if op.type == "Cast" and op.inputs[0].op.type == "Placeholder"
+    ]
+    onednn_wide = kernel_choices == "onednn"  # the reductions path casts for its (transient) moments
+    assert bool(casts_of_input) is onednn_wide
+    y, dx = step(x)
+    assert y.dtype == tf.as_dtype(dtype) and dx.dtype == tf.as_dtype(dtype)
+    reference = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+    want = reference(tf.cast(x, tf.float32), training=True)
+    np.testing.assert_allclose(tf.cast(y, tf.float32).numpy(), want.numpy(), atol=0.05)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), reference.moving_mean.numpy(), rtol=1e-2, atol=1e-2)

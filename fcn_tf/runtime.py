@@ -238,7 +238,7 @@ def check_train_step(devices, steps: int = 3, precision: str = "float32", image_
             optimizer.build(model.trainable_variables)
         iterator = train_lib.make_train_iterator(strategy, dataset_fn)
         step = train_lib.make_train_step(model, optimizer, strategy, config)
-        graph = step.get_concrete_function(iterator).graph
+        graph = step.function.get_concrete_function(iterator, tf.constant(-1, tf.int64)).graph
         # The placement is recorded when TensorFlow first partitions the step's graph.
         placement = op_placement(step, iterator)
         start = time.perf_counter()

@@ -22,9 +22,20 @@ import uuid
 import pytest
 import tensorflow as tf
 import tiny_models
+from absl import logging as absl_logging
 
 from fcn_tf import checkpoints, train_lib
 from fcn_tf.config import ExperimentConfig, ModelConfig, OptimizerConfig, TrainerConfig, override
+
+
+@pytest.fixture(autouse=True)
+def _absl_info_logs():
+    """The messages under test are absl INFO/WARNING logs: another test may have lowered absl's verbosity."""
+    previous = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)
+    yield
+    absl_logging.set_verbosity(previous)
+
 
 DATA = "ckpt-{}.data-00000-of-00001"
 

@@ -38,7 +38,7 @@ def _child():
         assert runtime.deterministic_accelerator() is accelerator
         for mode, overrides in MODES.items():
             config = test_eval_lib.config_for(*overrides)
-            num_classes = config.data.num_classes
+            num_classes = config.model.num_classes
             model = test_eval_lib.tiny_model(num_classes)
             items = test_eval_lib.examples(num_classes)
             got = eval_lib.evaluate(model, test_eval_lib.as_dataset(items), config)["confusion_matrix"]

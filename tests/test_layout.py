@@ -52,8 +52,15 @@ def _build_md_layout() -> list[str]:
         if not line.strip():
             continue
         indent = len(line) - len(line.lstrip())
-        # Names come before the description: the first run of 2+ spaces ends them.
-        names = re.split(r"\s{2,}", line.strip())[0].split()
+        # A line starts with the names it describes (files "x.py", folders "x/"); a
+        # continuation of a description starts with a word and names nothing.
+        names = []
+        for token in line.split():
+            if not re.fullmatch(r"[\w.-]+(/[\w.-]+)*(\.py|/)", token):
+                break
+            names.append(token)
+        if not names:
+            continue
         parent = next((parents[i] for i in sorted(parents, reverse=True) if i < indent), "")
         for name in names:
             paths.append(parent + name)

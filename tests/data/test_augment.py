@@ -389,7 +389,7 @@ def test_pad_values(run):
 
 
 def small_config(**kw):
-    values = dict(num_classes=5, crop_size=(48, 64), scale_target=(96, 48), ratio_range=(0.5, 2.0))
+    values = dict(crop_size=(48, 64), scale_target=(96, 48), ratio_range=(0.5, 2.0))
     values.update(kw)
     return DataConfig(**values)
 

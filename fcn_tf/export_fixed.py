@@ -322,6 +322,7 @@ def export(
     input_dtype: str = "uint8",
     class_names=None,
     palette=None,
+    min_label_agreement: float | None = None,
     log=print,
 ) -> dict:
     """Writes, checks and renames into place one file per variant in `export_dir`.
@@ -336,6 +337,9 @@ def export(
       input_dtype: "uint8" or "float32".
       class_names: override of the class names (default: the dataset's).
       palette: override of the palette (default: the dataset's).
+      min_label_agreement: for the quantized variants, instead of their
+        `VARIANTS` threshold (which was set on a trained model; an untrained
+        one has near-ties everywhere).
       log: called with one line per file written.
 
     Returns:
@@ -363,6 +367,8 @@ def export(
     results = {}
     for key in keys:
         variant, target = VARIANTS[key], targets[key]
+        if min_label_agreement is not None and variant.logits_rtol is None:
+            variant = dataclasses.replace(variant, label_agreement=min_label_agreement)
         staging = os.path.join(export_dir, f".tmp-{uuid.uuid4().hex[:8]}-{variant.filename}")
         with tf.io.gfile.GFile(staging, "wb") as f:
             f.write(_convert(module, variant))

@@ -41,6 +41,9 @@ flags.DEFINE_list("litert_variants", ["float32"], "LiteRT weights: float32, floa
 flags.DEFINE_list("image_size", None, "LiteRT/ONNX input H,W (default: the experiment's evaluation size).")
 flags.DEFINE_enum("input_dtype", "uint8", ["uint8", "float32"], "LiteRT/ONNX input type (0..255 scale).")
 flags.DEFINE_integer("batch_size", 1, "LiteRT/ONNX images per call.")
+flags.DEFINE_float(
+    "min_label_agreement", None, "Quantized LiteRT variants: accepted label agreement (default per variant)."
+)
 flags.DEFINE_integer("version", None, "SavedModel version number (default: the next free integer).")
 flags.DEFINE_integer(
     "max_pixels", export_lib.DEFAULT_MAX_PIXELS, "SavedModel: largest height*width accepted."
@@ -112,6 +115,7 @@ def main(argv):
                 size=size,
                 batch_size=FLAGS.batch_size,
                 input_dtype=FLAGS.input_dtype,
+                min_label_agreement=FLAGS.min_label_agreement,
             )
         except (export_fixed.ExportCheckError, FileExistsError) as e:
             sys.exit(f"export.py: {e}")

@@ -210,6 +210,20 @@ def verify(path: str, variant: Variant, images: np.ndarray, expected: dict) -> C
     return check
 
 
+def checked_input(runner, images) -> np.ndarray:
+    """`images` as an array, if it has the runner's fixed shape and dtype.
+
+    Raises:
+      ValueError: another shape or dtype (the message names the file).
+    """
+    images = np.asarray(images)
+    if images.shape != runner.input_shape or images.dtype != runner.input_dtype:
+        raise ValueError(
+            f"{runner.path} takes {runner.input_dtype} {runner.input_shape} images, got {images.dtype} {images.shape}"
+        )
+    return images
+
+
 def load_runner(path: str, runtime: str | None = None) -> Callable:
     """A callable `images -> {"logits", "labels"}` running a .tflite or .onnx file in its runtime.
 

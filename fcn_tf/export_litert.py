@@ -68,9 +68,7 @@ class Runner:
             raise ValueError(f"{path}: outputs {sorted(outputs)}, expected labels and logits")
 
     def __call__(self, images) -> dict:
-        images = np.asarray(images)
-        if images.shape != self.input_shape or images.dtype != self.input_dtype:
-            raise ValueError(
-                f"{self.path} takes {self.input_dtype} {self.input_shape} images, got {images.dtype} {images.shape}"
-            )
+        from fcn_tf.export_fixed import checked_input
+
+        images = checked_input(self, images)
         return self._signature(**{self._input_name: images})

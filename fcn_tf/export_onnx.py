@@ -54,10 +54,8 @@ class Runner:
             raise ValueError(f"{path}: outputs {self._outputs}, expected labels and logits")
 
     def __call__(self, images) -> dict:
-        images = np.asarray(images)
-        if images.shape != self.input_shape or images.dtype != self.input_dtype:
-            raise ValueError(
-                f"{self.path} takes {self.input_dtype} {self.input_shape} images, got {images.dtype} {images.shape}"
-            )
+        from fcn_tf.export_fixed import checked_input
+
+        images = checked_input(self, images)
         values = self._session.run(self._outputs, {self._input_name: images})
         return {name.split(":")[0]: value for name, value in zip(self._outputs, values)}

@@ -37,6 +37,25 @@ def export_all(config, model, directory, **kwargs):
     return export_fixed.export(config, model, str(directory), variants=ALL_VARIANTS, log=print, **kwargs)
 
 
+def tiny_config():
+    return override(experiments.get("synthetic_r18_os8"), "model.num_classes=3", "data.num_classes=3")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A segmenter of a few hundred weights (the segmenter's own layers) at 48x64, every variant: seconds."""
+    config = tiny_config()
+    keras.utils.set_random_seed(0)
+    model = tiny_models.tiny_segmenter(sync_bn=False)
+    directory = tmp_path_factory.mktemp("tiny")
+    return (
+        config,
+        model,
+        directory,
+        export_all(config, model, directory, size=(48, 64), min_label_agreement=0.9),
+    )
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The demo model (FCN-R18-D8 of `make demo`, random weights) at its evaluation size, every variant."""
@@ -66,6 +85,7 @@ def check_against_keras(config, model, results, size, min_quantized_agreement):
     return figures
 
 
+@pytest.mark.slow  # four conversions of FCN-R18-D8: about a minute
 def test_demo_model_in_each_runtime_matches_keras(demo):
     config, model, directory, results = demo
     assert export_fixed.default_size(config) == (96, 128)  # the demo images' size
@@ -86,9 +106,9 @@ def test_demo_model_in_each_runtime_matches_keras(demo):
 
 
 def test_float_input_and_batch(tmp_path):
-    config = override(experiments.get("synthetic_r18_os8"), "model.head_channels=16", "model.aux_channels=8")
+    config = tiny_config()
     keras.utils.set_random_seed(2)
-    model = build_fcn(config.model, sync_bn=False)
+    model = tiny_models.tiny_segmenter(sync_bn=False)
     results = export_fixed.export(
         config, model, str(tmp_path), variants=FLOAT32, size=(40, 56), batch_size=2, input_dtype="float32"
     )
@@ -104,9 +124,18 @@ def test_float_input_and_batch(tmp_path):
             runner(images.astype(np.uint8))
 
 
-def test_corrupted_export_is_refused_with_its_figure(demo, tmp_path):
-    config, model, directory, results = demo
-    module = export_fixed.FixedSizeModel(config, model, (96, 128))
+def corrupt_weights(data: bytes, model) -> bytes:
+    """`data` (a .tflite file of `model`) with the classifier's kernel replaced: still a loadable file."""
+    kernel = model.get_layer("classifier").kernel.numpy()
+    stored = kernel.transpose(3, 0, 1, 2).tobytes()  # LiteRT keeps conv kernels as (out, h, w, in)
+    offset = data.find(stored)
+    assert offset >= 0, "the classifier kernel is not stored as float32 in the file"
+    return data[:offset] + (-3 * kernel).transpose(3, 0, 1, 2).tobytes() + data[offset + len(stored) :]
+
+
+def test_corrupted_export_is_refused_with_its_figure(tiny, tmp_path):
+    config, model, directory, results = tiny
+    module = export_fixed.FixedSizeModel(config, model, (48, 64))
     images = export_fixed.check_images(module.input_spec)
     expected = export_fixed.TensorFlowRunner(module)(images)
     good = results[("litert", "float32")][0]
@@ -117,12 +146,9 @@ def test_corrupted_export_is_refused_with_its_figure(demo, tmp_path):
         < 1e-4
     )
 
-    # Weights overwritten in the middle of the file (the flatbuffer stays loadable).
-    data = bytearray(open(good, "rb").read())
-    middle = len(data) // 2
-    data[middle : middle + 4096] = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    # Weights overwritten (the flatbuffer stays loadable).
     corrupted = tmp_path / "model.tflite"
-    corrupted.write_bytes(bytes(data))
+    corrupted.write_bytes(corrupt_weights(open(good, "rb").read(), model))
     with pytest.raises(
         export_fixed.ExportCheckError, match=r"model.tflite: litert float32 output differs .*logits error"
     ):
@@ -136,11 +162,11 @@ def test_corrupted_export_is_refused_with_its_figure(demo, tmp_path):
         export_fixed.verify(str(truncated), export_fixed.VARIANTS["onnx", "float32"], images, expected)
 
 
-def test_mismatched_export_is_refused_with_its_figure(demo):
-    config, model, directory, results = demo
+def test_mismatched_export_is_refused_with_its_figure(tiny):
+    config, model, directory, results = tiny
     keras.utils.set_random_seed(5)
-    other = build_fcn(config.model, sync_bn=False)  # same architecture, other weights
-    module = export_fixed.FixedSizeModel(config, other, (96, 128))
+    other = tiny_models.tiny_segmenter(sync_bn=False)  # same architecture, other weights
+    module = export_fixed.FixedSizeModel(config, other, (48, 64))
     images = export_fixed.check_images(module.input_spec)
     expected = export_fixed.TensorFlowRunner(module)(images)
     for key in FLOAT32:
@@ -150,11 +176,9 @@ def test_mismatched_export_is_refused_with_its_figure(demo):
             export_fixed.verify(results[key][0], export_fixed.VARIANTS[key], images, expected)
         print(e.value)
     # Another size: refused on the shape.
-    small = export_fixed.FixedSizeModel(config, model, (48, 64))
+    small = export_fixed.FixedSizeModel(config, model, (24, 32))
     images = export_fixed.check_images(small.input_spec)
-    with pytest.raises(
-        export_fixed.ExportCheckError, match=r"cannot run it: .*takes uint8 \(1, 96, 128, 3\)"
-    ):
+    with pytest.raises(export_fixed.ExportCheckError, match=r"cannot run it: .*takes uint8 \(1, 48, 64, 3\)"):
         export_fixed.verify(
             results["onnx", "float32"][0],
             export_fixed.VARIANTS["onnx", "float32"],
@@ -163,16 +187,14 @@ def test_mismatched_export_is_refused_with_its_figure(demo):
         )
 
 
-def test_a_failed_check_keeps_no_file_and_existing_files_are_not_overwritten(demo, tmp_path, monkeypatch):
-    config, model, directory, results = demo
+def test_a_failed_check_keeps_no_file_and_existing_files_are_not_overwritten(tiny, tmp_path, monkeypatch):
+    config, model, directory, results = tiny
     with pytest.raises(FileExistsError, match="model.tflite"):
         export_fixed.export(config, model, str(directory), variants=[("litert", "float32")])
     real = export_fixed._convert
 
     def broken(module, variant):
-        data = bytearray(real(module, variant))
-        data[len(data) // 2 : len(data) // 2 + 4096] = b"\x7f" * 4096
-        return bytes(data)
+        return corrupt_weights(real(module, variant), model)
 
     monkeypatch.setattr(export_fixed, "_convert", broken)
     with pytest.raises(export_fixed.ExportCheckError, match=r"model.tflite: litert float32 output differs"):
@@ -180,14 +202,14 @@ def test_a_failed_check_keeps_no_file_and_existing_files_are_not_overwritten(dem
     assert sorted(os.listdir(tmp_path)) == ["assets"]
 
 
-def test_predictor_runs_fixed_size_files(demo, tmp_path):
-    config, model, directory, results = demo
-    reference = export_fixed.TensorFlowRunner(export_fixed.FixedSizeModel(config, model, (96, 128)))
-    photo = random_image(24, 96, 128)  # the model's size
+def test_predictor_runs_fixed_size_files(tiny, tmp_path):
+    config, model, directory, results = tiny
+    reference = export_fixed.TensorFlowRunner(export_fixed.FixedSizeModel(config, model, (48, 64)))
+    photo = random_image(24, 48, 64)  # the model's size
     other = random_image(25, 60, 70)  # resized to it and back
     for key in FLOAT32:
         predictor = predict_lib.Predictor.load(results[key][0], max_pixels=200 * 200)
-        assert predictor.class_names[0] == "background"
+        assert predictor.class_names == ["class_0", "class_1", "class_2"]  # from the export's assets
         for image in (photo, other):
             labels, confidence = predictor.segment(png(image))
             expected = export_fixed.logits_at_image_size(reference, image).numpy()

@@ -19,14 +19,22 @@ setup(
         "numpy",
         # scipy reads SBD's MATLAB .mat label files (VOC trainaug preparation).
         "scipy",
+        # The export writes TF Serving warm-up records (PredictionLog protos) and
+        # the README's gRPC client uses its stubs; it needs nothing TensorFlow
+        # does not already pull in (grpcio, protobuf).
+        "tensorflow-serving-api==2.21.*",
     ],
     extras_require={
         # Reading PyTorch .pth checkpoints in the converter.
         "torch": ["torch"],
         # Reading .safetensors checkpoints in the converter.
         "safetensors": ["safetensors"],
-        # TF Serving warm-up records for the export.
-        "serving": ["tensorflow-serving-api==2.21.*"],
+        # Kept so that `pip install -e .[serving]` still works: the package is a core dependency now.
+        "serving": [],
+        # LiteRT (.tflite) export: TensorFlow's converter writes it, LiteRT's interpreter checks it.
+        "litert": ["ai-edge-litert==2.3.0"],
+        # ONNX export: tf2onnx converts, onnxruntime checks.
+        "onnx": ["tf2onnx==1.17.0", "onnx==1.23.2", "onnxruntime==1.32.0"],
         # Side-by-side benchmarks against torchvision's FCN.
         # Pinned to the releases that install here without a download (pip's local
         # files): an unpinned torch resolves to a multi-GB CUDA build.
@@ -37,6 +45,15 @@ setup(
             "torchvision==0.24.1; platform_machine == 'aarch64'",
             "psutil",
         ],
-        "test": ["pytest", "safetensors", "tensorflow-serving-api==2.21.*", "ruff", "psutil"],
+        "test": [
+            "pytest",
+            "safetensors",
+            "ruff",
+            "psutil",
+            "ai-edge-litert==2.3.0",
+            "tf2onnx==1.17.0",
+            "onnx==1.23.2",
+            "onnxruntime==1.32.0",
+        ],
     },
 )

@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import types
 import uuid
 
 import keras
@@ -60,6 +61,9 @@ from absl import logging
 from fcn_tf import config as config_lib
 from fcn_tf import inference
 from fcn_tf.data import augment
+
+# Re-exported: fcn_tf.benchmark imports it from here.
+from fcn_tf.models.fold_batchnorm import fold_batchnorm
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 LABEL_PAD = -1
@@ -75,6 +79,47 @@ CONFIG_ASSET = "experiment.json"
 WARMUP_FILE = "tf_serving_warmup_requests"
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# Python modules each export format needs: {format: [(module, pip requirement)]}.
+REQUIREMENTS = {
+    "saved_model": [("tensorflow_serving.apis", "tensorflow-serving-api")],
+    "litert": [("ai_edge_litert.interpreter", "ai-edge-litert (pip install -e '.[litert]')")],
+    "onnx": [
+        ("tf2onnx", "tf2onnx (pip install -e '.[onnx]')"),
+        ("onnxruntime", "onnxruntime (pip install -e '.[onnx]')"),
+    ],
+}
+
+
+def missing_requirements(formats) -> str | None:
+    """One line naming the packages the given export formats need but cannot import, or None.
+
+    Checked before any work starts, so that a missing optional package is
+    reported in one line instead of a traceback after the model is built.
+
+    Args:
+      formats: names from `REQUIREMENTS`.
+
+    Raises:
+      ValueError: an unknown format.
+    """
+    import importlib.util
+
+    missing = []
+    for name in formats:
+        if name not in REQUIREMENTS:
+            raise ValueError(f"unknown export format {name!r}; choose from {', '.join(REQUIREMENTS)}")
+        for module, requirement in REQUIREMENTS[name]:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ModuleNotFoundError:  # its parent package is missing
+                found = False
+            if not found and requirement not in missing:
+                missing.append(requirement)
+    if not missing:
+        return None
+    return f"the {'/'.join(formats)} export needs {', '.join(missing)}, which is not installed"
 
 
 # ------------------------------------------------------------ graph pieces ---
@@ -215,82 +260,33 @@ def logits_model(model: keras.Model) -> keras.Model:
     return keras.Model(model.input, output, name=f"{model.name}_logits")
 
 
-def _all_layers(model):
-    """Every layer of `model`, nested models' layers included (depth first)."""
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
+# ----------------------------------------------------------------- module ---
 
 
-def _conv_bn_pairs(model) -> dict:
-    """{conv layer name: BatchNormalization layer} for each BN applied directly to a Conv2D."""
-    pairs = {}
-    for layer in _all_layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization) and len(layer._inbound_nodes) == 1:
-            producer = layer._inbound_nodes[0].input_tensors[0]._keras_history.operation
-            if isinstance(producer, keras.layers.Conv2D) and len(producer._outbound_nodes) == 1:
-                pairs[producer.name] = layer
-    return pairs
+def saved_variables(model: keras.Model) -> list[tf.Variable]:
+    """The `tf.Variable`s behind a Keras model's variables, for a `tf.Module` to save.
 
-
-class _Folded(keras.layers.Layer):
-    """Stands where a folded BatchNorm was; takes the BatchNorm's call arguments."""
-
-    def call(self, inputs, training=None, mask=None):
-        return inputs
-
-
-def fold_batchnorm(model: keras.Model) -> keras.Model:
-    """A copy of `model` with each BatchNorm folded into the convolution before it.
-
-    In inference BatchNorm is `gamma * (y - mean) / sqrt(var + eps) + beta`,
-    an affine map per channel, so with `s = gamma / sqrt(var + eps)` the conv
-    `y = W x + b` followed by it equals the conv `W' = W * s`,
-    `b' = (b - mean) * s + beta`. The copy replaces those BatchNorm layers by
-    identities; it is for inference only (do not train it).
+    A SavedModel must track the `tf.Variable`s its functions capture, not the
+    Keras model. Keras 3 wraps each `tf.Variable` in a `keras.Variable`, and
+    saving the wrapper writes a second, separate `tf.Variable` copy that the
+    SavedModel's restore op fills, while the traced functions read the
+    original, which nothing in the saved graph restores. `tf.saved_model.load`
+    still works (it binds captures by object, not by graph), but every
+    loader of the saved graph fails: TF Serving and `saved_model_cli run`
+    stop with "Could not find variable stem_bn1/beta", and the TFLite
+    converter keeps those variables as uninitialized runtime resources (its
+    model holds no weights and returns NaN).
 
     Args:
-      model: a functional model (nested functional models are folded too).
-
-    Returns:
-      The folded model; `model` is left unchanged.
+      model: a Keras model on the TensorFlow backend.
     """
-    pairs = _conv_bn_pairs(model)
-    folded_bns = {bn.name for bn in pairs.values()}
-
-    def clone(layer):
-        config = layer.get_config()
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.name in folded_bns:
-            return _Folded(name=layer.name)
-        if isinstance(layer, keras.layers.Conv2D) and layer.name in pairs:
-            config["use_bias"] = True
-        return layer.__class__.from_config(config)
-
-    folded = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    originals = {layer.name: layer for layer in _all_layers(model)}
-    for layer in _all_layers(folded):
-        if isinstance(layer, keras.Model) or not layer.weights:
-            continue
-        source = originals[layer.name]
-        if layer.name not in pairs:
-            layer.set_weights(source.get_weights())
-            continue
-        bn = pairs[layer.name]
-        # float64 so that folding adds no rounding of its own.
-        kernel = np.asarray(source.kernel, np.float64)
-        bias = np.asarray(source.bias, np.float64) if source.use_bias else 0.0
-        gamma = np.asarray(bn.gamma, np.float64) if bn.scale else 1.0
-        beta = np.asarray(bn.beta, np.float64) if bn.center else 0.0
-        mean = np.asarray(bn.moving_mean, np.float64)
-        scale = gamma / np.sqrt(np.asarray(bn.moving_variance, np.float64) + bn.epsilon)
-        layer.set_weights(
-            [(kernel * scale).astype(np.float32), ((bias - mean) * scale + beta).astype(np.float32)]
-        )
-    return folded
-
-
-# ----------------------------------------------------------------- module ---
+    variables = [v.value for v in model.variables]
+    for keras_variable, variable in zip(model.variables, variables):
+        if not isinstance(variable, tf.Variable):
+            raise TypeError(
+                f"{keras_variable.path} is not backed by a tf.Variable ({type(variable).__name__})"
+            )
+    return variables
 
 
 class SegmentationServer(tf.Module):
@@ -312,7 +308,8 @@ class SegmentationServer(tf.Module):
             raise ValueError(f"max_pixels={max_pixels} must be >= 1")
         self._data_config = config.data
         self._max_pixels = int(max_pixels)
-        self.model = logits_model(model)
+        self._keras = types.SimpleNamespace(model=logits_model(model))
+        self.weights = saved_variables(self._keras.model)
         # Assets are kept as attributes: tf.saved_model.save copies the files
         # into assets/ and a loaded object exposes `.asset_path`.
         self.assets = {name: tf.saved_model.Asset(path) for name, path in (asset_paths or {}).items()}
@@ -325,6 +322,11 @@ class SegmentationServer(tf.Module):
             self._predict_images_with_logits, input_signature=[image_spec]
         )
 
+    @property
+    def model(self) -> keras.Model:
+        """The Keras model the functions run (logits only)."""
+        return self._keras.model
+
     def signatures(self) -> dict:
         return {
             SERVING_DEFAULT: self.serve,
@@ -336,7 +338,7 @@ class SegmentationServer(tf.Module):
         def one(args):
             contents, index = args
             image = decode(contents, index, self._max_pixels)
-            logits = logits_at_input_size(self.model, image[tf.newaxis], self._data_config)
+            logits = logits_at_input_size(self._keras.model, image[tf.newaxis], self._data_config)
             labels, confidence = _labels_and_confidence(logits[0])
             shape = tf.shape(labels)
             return (
@@ -371,7 +373,7 @@ class SegmentationServer(tf.Module):
     def _checked_logits(self, images):
         shape = tf.shape(images)
         with tf.control_dependencies([_check_size(shape[1], shape[2], self._max_pixels, "images")]):
-            return logits_at_input_size(self.model, images, self._data_config)
+            return logits_at_input_size(self._keras.model, images, self._data_config)
 
     def _predict_images(self, images):
         labels, confidence = _labels_and_confidence(self._checked_logits(images))
@@ -444,10 +446,8 @@ def write_warmup(path: str, model_name: str) -> int:
     Returns:
       The number of records written.
     """
-    try:
-        from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
-    except ImportError as e:  # the "serving" extra
-        raise ImportError("warm-up records need tensorflow-serving-api: pip install -e .[serving]") from e
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
     jpeg = sample_jpeg()
     pixels = tf.io.decode_jpeg(jpeg, channels=3).numpy()[np.newaxis]
     inputs = {
@@ -464,6 +464,32 @@ def write_warmup(path: str, model_name: str) -> int:
             log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
             writer.write(log.SerializeToString())
     return len(inputs)
+
+
+def write_assets(directory: str, config, class_names, palette) -> dict:
+    """Writes the class names, palette and config files an export carries.
+
+    Args:
+      directory: where to write (created if missing).
+      config: the experiment.
+      class_names: one name per class (see `class_info`).
+      palette: uint8 (num_classes, 3).
+
+    Returns:
+      {asset name: path written}.
+    """
+    tf.io.gfile.makedirs(directory)
+    contents = {
+        LABELS_ASSET: "".join(f"{name}\n" for name in class_names),
+        PALETTE_ASSET: "".join(f"{r} {g} {b}\n" for r, g, b in np.asarray(palette).tolist()),
+        CONFIG_ASSET: config_lib.to_json(config),
+    }
+    paths = {}
+    for name, text in contents.items():
+        paths[name] = os.path.join(directory, name)
+        with tf.io.gfile.GFile(paths[name], "w") as f:
+            f.write(text)
+    return paths
 
 
 def export(
@@ -515,17 +541,7 @@ def export(
     tf.io.gfile.makedirs(export_dir_base)
     staging = os.path.join(export_dir_base, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
     with tempfile.TemporaryDirectory() as asset_dir:
-        asset_paths = {
-            LABELS_ASSET: os.path.join(asset_dir, LABELS_ASSET),
-            PALETTE_ASSET: os.path.join(asset_dir, PALETTE_ASSET),
-            CONFIG_ASSET: os.path.join(asset_dir, CONFIG_ASSET),
-        }
-        with open(asset_paths[LABELS_ASSET], "w") as f:
-            f.write("".join(f"{name}\n" for name in names))
-        with open(asset_paths[PALETTE_ASSET], "w") as f:
-            f.write("".join(f"{r} {g} {b}\n" for r, g, b in colours.tolist()))
-        with open(asset_paths[CONFIG_ASSET], "w") as f:
-            f.write(config_lib.to_json(config))
+        asset_paths = write_assets(asset_dir, config, names, colours)
         if fold_bn:
             model = fold_batchnorm(logits_model(model))
         server = SegmentationServer(config, model, max_pixels=max_pixels, asset_paths=asset_paths)

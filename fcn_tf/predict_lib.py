@@ -4,7 +4,11 @@ A `Predictor` runs the export's `serving_default` function, either loaded
 from a SavedModel (`Predictor.load`) or built in-process from a checkpoint
 (`Predictor.from_checkpoint`, the same `SegmentationServer` graph that
 `export` saves), so both paths go through the same decoding, checks,
-resizing and normalization a TF Serving client gets.
+resizing and normalization a TF Serving client gets. `Predictor.load` also
+takes a fixed-size LiteRT (.tflite) or ONNX (.onnx) export
+(`fcn_tf.export_fixed`), run in its own runtime: images are decoded and
+checked as the SavedModel does, resized to the model's size and the logits
+back to the image's (`export_fixed.logits_at_image_size`).
 
 `predict_files` writes, per input `NAME.ext`:
 - `NAME_labels.png`: the label map coloured with the class palette;
@@ -26,6 +30,7 @@ import tensorflow as tf
 from fcn_tf import export_lib, visualize
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+FIXED_SIZE_EXTENSIONS = (".tflite", ".onnx")
 
 
 @dataclasses.dataclass
@@ -46,13 +51,49 @@ class Predictor:
     owner: object = None
 
     @classmethod
-    def load(cls, export_dir: str) -> Predictor:
-        """From an export: a version directory, or `BASE/NAME` (its latest version)."""
+    def load(cls, export_dir: str, max_pixels: int = export_lib.DEFAULT_MAX_PIXELS) -> Predictor:
+        """From an export: a version directory, `BASE/NAME` (its latest version), or a .tflite / .onnx file.
+
+        Args:
+          export_dir: the export.
+          max_pixels: largest height * width accepted (fixed-size files; a
+            SavedModel has its own).
+        """
+        if os.path.splitext(export_dir)[1].lower() in FIXED_SIZE_EXTENSIONS:
+            return cls._load_fixed(export_dir, max_pixels)
         saved_model_dir = export_lib.resolve_version_dir(export_dir)
         loaded = tf.saved_model.load(saved_model_dir)
         signature = loaded.signatures[export_lib.SERVING_DEFAULT]
         names, palette = export_lib.read_class_info(saved_model_dir)
         return cls(lambda images: signature(images=images), names, palette, owner=loaded)
+
+    @classmethod
+    def _load_fixed(cls, path: str, max_pixels: int) -> Predictor:
+        from fcn_tf import export_fixed
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no export file {path}")
+        runner = export_fixed.load_runner(path)
+        names, palette = export_lib.read_class_info(os.path.dirname(os.path.abspath(path)))
+
+        def serve(images):
+            outputs = {"labels": [], "confidence": [], "heights": [], "widths": []}
+            for index, contents in enumerate(images):
+                image = export_lib.decode(contents, tf.constant(index), max_pixels)
+                probabilities = tf.nn.softmax(export_fixed.logits_at_image_size(runner, image), axis=-1)
+                outputs["labels"].append(tf.argmax(probabilities, -1, output_type=tf.int32))
+                outputs["confidence"].append(tf.reduce_max(probabilities, -1))
+                outputs["heights"].append(tf.shape(image)[0])
+                outputs["widths"].append(tf.shape(image)[1])
+            pad = {"labels": export_lib.LABEL_PAD, "confidence": 0.0}
+            return {
+                key: tf.ragged.stack(value).to_tensor(default_value=pad[key])
+                if key in pad
+                else tf.stack(value)
+                for key, value in outputs.items()
+            }
+
+        return cls(serve, names, palette, owner=runner)
 
     @classmethod
     def from_checkpoint(cls, config, checkpoint: str, max_pixels: int = export_lib.DEFAULT_MAX_PIXELS):

@@ -20,7 +20,8 @@ from benchmarks.harness import Measurement, current_rss_mb, device_peak_mb, peak
 
 # The one place the benchmarks take the BatchNorm folding and the main-path
 # model from: they move together if the library moves them.
-from fcn_tf.export_lib import fold_batchnorm, logits_model
+from fcn_tf.export_lib import logits_model
+from fcn_tf.models.fold_batchnorm import fold_batchnorm
 
 
 def _fetch(tensor) -> float:

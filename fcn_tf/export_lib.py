@@ -56,7 +56,6 @@ import uuid
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from fcn_tf import config as config_lib
 from fcn_tf import inference
@@ -558,29 +557,6 @@ def export(
 
 
 # ---------------------------------------------------------- reading back ---
-
-
-def load_config(experiment_config, workdir: str | None = None, overrides=()):
-    """The config a trained model was built with.
-
-    `WORKDIR/config.json` (written by training) wins over the registered
-    experiment when it exists, since training may have used overrides;
-    `overrides` are applied last.
-
-    Args:
-      experiment_config: the registered experiment (`experiments.get(name)`).
-      workdir: optional training workdir.
-      overrides: "key=value" strings (see `fcn_tf.config.override`).
-    """
-    config = config_lib.read_workdir_config(workdir) or experiment_config
-    if config.name != experiment_config.name:
-        logging.warning(
-            "%s was trained as experiment %r, not %r; using its config",
-            workdir,
-            config.name,
-            experiment_config.name,
-        )
-    return config_lib.validate(config_lib.override(config, *overrides))
 
 
 def resolve_version_dir(export_dir: str) -> str:

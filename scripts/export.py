@@ -25,6 +25,7 @@ from absl import app, flags, logging
 
 import experiments
 from fcn_tf import export_lib
+from fcn_tf.config import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("experiment", None, "Registered experiment name.", required=True)
@@ -88,7 +89,10 @@ def main(argv):
             raise app.UsageError(
                 f"no {key[0]} variant {key[1]!r}; choose from {sorted(export_fixed.VARIANTS)}"
             )
-    config = export_lib.load_config(experiments.get(FLAGS.experiment), FLAGS.workdir, FLAGS.override)
+    try:
+        config = experiments.resolve(FLAGS.experiment, FLAGS.workdir, FLAGS.override)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     model = build_fcn(config.model, sync_bn=False)
     restored = restore_model(model, FLAGS.workdir or FLAGS.checkpoint)
     logging.info("restored %s", restored)

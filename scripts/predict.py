@@ -20,6 +20,7 @@ from absl import app, flags
 
 import experiments
 from fcn_tf import export_lib, predict_lib
+from fcn_tf.config import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -54,7 +55,10 @@ def main(argv):
         if not FLAGS.experiment:
             raise app.UsageError("--checkpoint needs --experiment")
         workdir = FLAGS.checkpoint if os.path.isdir(FLAGS.checkpoint) else None
-        config = export_lib.load_config(experiments.get(FLAGS.experiment), workdir, FLAGS.override)
+        try:
+            config = experiments.resolve(FLAGS.experiment, workdir, FLAGS.override)
+        except ConfigError as e:
+            sys.exit(f"error: {e}")
         predictor = predict_lib.Predictor.from_checkpoint(config, FLAGS.checkpoint, FLAGS.max_pixels)
     paths = predict_lib.list_images(FLAGS.input)
     results = predict_lib.predict_files(predictor, paths, FLAGS.output, alpha=FLAGS.alpha)

@@ -74,7 +74,7 @@ def reference_matrix(config, model):
     """Eager evaluation through the pipeline, independent of eval_lib's distributed loop."""
     from fcn_tf.data import build_dataset
 
-    cm = ConfusionMatrix(config.data.num_classes)
+    cm = ConfusionMatrix(config.model.num_classes)
     logits_fn = inference.model_logits_fn(model)
     for example in build_dataset(config.data, training=False):
         label = example["label"]

@@ -1,6 +1,5 @@
 """The SavedModel export: layout, signatures, fresh-process parity, warm-up, bad input."""
 
-import json
 import os
 import re
 import struct
@@ -320,16 +319,6 @@ def test_class_info_validates_overrides():
         export_lib.class_info(config, class_names=["a", "b", "c"])
     with pytest.raises(ValueError, match="palette"):
         export_lib.class_info(config, palette=np.zeros((5, 4)))
-
-
-def test_load_config_prefers_workdir_config(tmp_path):
-    from fcn_tf.config import to_json
-
-    trained = override(tiny_config(), "data.eval_target=40,30")
-    (tmp_path / "config.json").write_text(to_json(trained))
-    config = export_lib.load_config(tiny_config(), str(tmp_path), ["model.dropout=0.2"])
-    assert config.data.eval_target == (40, 30) and config.model.dropout == 0.2
-    assert json.loads(to_json(export_lib.load_config(tiny_config()))) == json.loads(to_json(tiny_config()))
 
 
 @pytest.mark.slow  # a fresh interpreter builds, restores and exports: ~45 s on 2 shared cores

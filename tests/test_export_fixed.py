@@ -38,7 +38,7 @@ def export_all(config, model, directory, **kwargs):
 
 
 def tiny_config():
-    return override(experiments.get("synthetic_r18_os8"), "model.num_classes=3", "data.num_classes=3")
+    return override(experiments.get("synthetic_r18_os8"), "model.num_classes=3")
 
 
 @pytest.fixture(scope="module")

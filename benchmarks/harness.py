@@ -68,6 +68,8 @@ class Measurement:
         device memory is read too).
       replicas: replicas of a MirroredStrategy (GPUs, or logical CPUs on
         "cpu"); 1: no strategy.
+      keras_sync_bn: with several replicas, Keras' synchronized BatchNorm
+        instead of fcn_tf's packed one (the side-by-side comparison).
       grad_accum: micro-batches accumulated per optimizer step
         (`trainer.grad_accum_steps`, "train" only).
     """
@@ -92,6 +94,7 @@ class Measurement:
     device: str = "cpu"
     replicas: int = 1
     grad_accum: int = 1
+    keras_sync_bn: bool = False
 
     @property
     def images_per_call(self) -> int:

@@ -194,6 +194,17 @@ def plan_measurements(
         if ours_common.get("inter_op_threads") == -1 and kind != "train":
             ours_common["inter_op_threads"] = 0  # auto: train.py's setting is for training
         measurements.append(Measurement(label=f"{kind}: ours", framework="tf", model=ours, **ours_common))
+        if kind == "train" and ours_common.get("replicas", 1) > 1:
+            # The same step with Keras' synchronized BatchNorm (several all-reduces per layer).
+            measurements.append(
+                Measurement(
+                    label="train: ours, Keras SyncBN",
+                    framework="tf",
+                    model=ours,
+                    keras_sync_bn=True,
+                    **{**ours_common, "flops": False},
+                )
+            )
         if kind == "train" and grad_accum > 1:
             measurements.append(
                 Measurement(

@@ -6,7 +6,7 @@
 stage uses half the stage's dilation. Layer names are deterministic and map
 one-to-one onto the reference's state_dict keys (see convert.py).
 
-PyTorch parity details (PITFALLS.md): a stride-2 3x3 conv is padded
+PyTorch parity details: a stride-2 3x3 conv is padded
 symmetrically by an explicit ZeroPadding2D (TF's "same" would pad
 bottom/right only on even inputs); the 3x3/2 max-pool follows a ReLU, so
 zero padding equals PyTorch's -inf padding.

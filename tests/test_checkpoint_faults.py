@@ -440,7 +440,13 @@ def test_full_disk_through_the_cli_is_one_line_and_the_rerun_resumes(tmp_path):
             f"error: cannot save checkpoint {directory}/ckpt-4: No space left on device"
         ), last
         assert f"the last good checkpoint is {directory}/ckpt-2" in last
-        assert sorted(os.listdir(directory)) == ["checkpoint", DATA.format(2), "ckpt-2.index"]
+        # The model checkpoint of step 2 and, under input/, the input position of step 2.
+        assert sorted(os.listdir(directory)) == ["checkpoint", DATA.format(2), "ckpt-2.index", "input"]
+        assert sorted(os.listdir(os.path.join(directory, "input", "worker-0"))) == [
+            "checkpoint",
+            DATA.format(2),
+            "ckpt-2.index",
+        ]
 
         remount("size=400m")
         proc = run()

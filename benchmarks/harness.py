@@ -55,7 +55,7 @@ class Measurement:
       repeats: timed calls; the median is quoted.
       threads: intra-op threads (torch.set_num_threads for torch).
       inter_op_threads: TensorFlow's inter-op pool (0: TensorFlow's default;
-        -1: what scripts/train.py uses by default, `fcn_tf.runtime.set_inter_op_threads(-1)`).
+        -1: what scripts/train.py uses by default, `fcn_tf.devices.set_inter_op_threads(-1)`).
       jit_compile: compile the step / forward with XLA (tf only).
       precision: "float32", "mixed_bfloat16" or "mixed_float16" (tf only).
       fold_bn: fold BatchNorm into the convolutions for inference (tf only).

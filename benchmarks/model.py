@@ -39,11 +39,11 @@ def configure_tensorflow(threads: int, inter_op_threads: int = 0) -> None:
     Args:
       threads: intra-op threads (0: TensorFlow's default, one per core).
       inter_op_threads: inter-op threads (0: TensorFlow's default; -1: auto as
-        scripts/train.py, see `fcn_tf.runtime.set_inter_op_threads`).
+        scripts/train.py, see `fcn_tf.devices.set_inter_op_threads`).
     """
     import tensorflow as tf
 
-    from fcn_tf.runtime import set_inter_op_threads
+    from fcn_tf.devices import set_inter_op_threads
 
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -259,7 +259,7 @@ def run_tf(measurement: Measurement) -> dict:
     """
     m = measurement
     if m.device == "cpu" and m.replicas > 1:
-        from fcn_tf.distribute import configure_logical_cpus
+        from fcn_tf.devices import configure_logical_cpus
 
         configure_logical_cpus(m.replicas)
     configure_tensorflow(m.threads, m.inter_op_threads)

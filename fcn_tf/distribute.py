@@ -28,29 +28,6 @@ _COLLECTIVES = {
 SLURM_PORT_BASE = 8888
 
 
-def configure_logical_cpus(count: int) -> None:
-    """Splits the first CPU into `count` logical devices ("/cpu:0" ... ).
-
-    Must run before TensorFlow initializes its devices (before the first op
-    or device query); used by tests and benchmarks to get several replicas on
-    one CPU.
-
-    Raises:
-      RuntimeError: TensorFlow is already initialized with another layout.
-    """
-    cpus = tf.config.list_physical_devices("CPU")
-    current = tf.config.get_logical_device_configuration(cpus[0])
-    if current is not None and len(current) == count:
-        return
-    try:
-        tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * count)
-    except RuntimeError as e:
-        raise RuntimeError(
-            f"cannot split the CPU into {count} logical devices: TensorFlow is already initialized. "
-            "Call configure_logical_cpus() before any TensorFlow op."
-        ) from e
-
-
 def cluster_workers(tf_config: str | None = None) -> int:
     """Number of worker (and chief) tasks in `TF_CONFIG`; 0 when there is none.
 

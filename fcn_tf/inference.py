@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from fcn_tf import runtime
+from fcn_tf import devices
 from fcn_tf.config import EvalConfig
 
 LogitsFn = Callable[[tf.Tensor], tf.Tensor]
@@ -150,7 +150,7 @@ def predict_slide(
     num_windows = tf.shape(starts)[0]
     # A scatter-add of overlapping windows is not deterministic on a GPU
     # (op determinism rejects it there); the CPU's is, and is the fastest.
-    deterministic = runtime.deterministic_accelerator()
+    deterministic = devices.deterministic_accelerator()
 
     def body(i, sums, counts):
         chunk = starts[i : i + window_batch]  # (k, 2); the last chunk may be shorter

@@ -32,7 +32,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from fcn_tf import runtime
+from fcn_tf import devices
 
 
 def confusion_matrix_update(labels, predictions, num_classes: int, ignore_label: int = 255) -> tf.Tensor:
@@ -87,7 +87,7 @@ def confusion_matrix_update(labels, predictions, num_classes: int, ignore_label:
     size = num_classes * num_classes
     # `tf.math.bincount` has no deterministic GPU kernel: under op determinism
     # it raises there. Its CPU kernel is deterministic and stays the CPU path.
-    if runtime.deterministic_accelerator():
+    if devices.deterministic_accelerator():
         counts = _counts_by_sorting(flat, size)
     else:
         counts = tf.math.bincount(flat, minlength=size, maxlength=size, dtype=tf.int64)

@@ -41,9 +41,10 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from fcn_tf import checkpoints, distribute, runtime, summaries
+from fcn_tf import checkpoints, distribute, summaries
 from fcn_tf.config import WORKDIR_CONFIG, ExperimentConfig, to_json, validate
 from fcn_tf.losses import global_valid_pixel_count, segmentation_losses
+from fcn_tf.models.layers import check_xla_sync_bn
 from fcn_tf.optimizers import build_optimizer
 from fcn_tf.schedules import poly_from_config
 
@@ -117,6 +118,31 @@ def write_config(config: ExperimentConfig, workdir: str) -> str:
         f.write(to_json(config) + "\n")
     os.replace(tmp, path)
     return path
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def apply_training_settings(config, strategy) -> None:
+    """Start-up settings of a training run, made before the model is built.
+
+    TF32 follows `trainer.tf32` (TensorFlow enables it by default on Ampere
+    and newer GPUs; the reference publishes its numbers without it). XLA
+    (`trainer.jit_compile`) with synchronized BatchNorm over several
+    replicas is refused here, with a one-line message, where TensorFlow
+    cannot compile it (`fcn_tf.models.layers.check_xla_sync_bn`).
+
+    Args:
+      config: the validated `ExperimentConfig`.
+      strategy: the strategy the run trains with.
+
+    Raises:
+      fcn_tf.models.layers.SyncBatchNormXlaError: XLA with synchronized
+        BatchNorm on replicas that are not all GPUs.
+    """
+    tf.config.experimental.enable_tensor_float_32_execution(config.trainer.tf32)
+    if config.trainer.jit_compile and config.model.sync_bn:
+        check_xla_sync_bn(strategy.extended.worker_devices, strategy.num_replicas_in_sync)
 
 
 # --------------------------------------------------------------------------- model
@@ -477,7 +503,7 @@ def train(
     """
     config = validate(config)
     strategy = strategy or distribute.make_strategy("auto")
-    runtime.apply_training_settings(config, strategy)  # TF32; XLA + SyncBN refused where unsupported
+    apply_training_settings(config, strategy)  # TF32; XLA + SyncBN refused where unsupported
     chief = distribute.is_chief(strategy)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     replicas = strategy.num_replicas_in_sync

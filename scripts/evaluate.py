@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from fcn_tf.runtime import prefer_onednn
+from fcn_tf.devices import prefer_onednn
 
 prefer_onednn()  # before TensorFlow is imported
 

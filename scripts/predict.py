@@ -12,7 +12,7 @@ are still processed; the exit code is 1 when any file failed.
 import os
 import sys
 
-from fcn_tf.runtime import prefer_onednn
+from fcn_tf.devices import prefer_onednn
 
 prefer_onednn()  # before TensorFlow is imported
 

@@ -14,7 +14,7 @@ process exits with code 42 (rerun to resume).
 
 import sys
 
-from fcn_tf.runtime import prefer_onednn
+from fcn_tf.devices import prefer_onednn
 
 prefer_onednn()  # before TensorFlow is imported
 
@@ -23,7 +23,7 @@ from absl import app, flags, logging
 import experiments
 from fcn_tf import distribute, train_lib
 from fcn_tf.config import ConfigError
-from fcn_tf.runtime import set_inter_op_threads
+from fcn_tf.devices import set_inter_op_threads
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("experiment", None, "Registered experiment name (scripts/list_experiments.py).")

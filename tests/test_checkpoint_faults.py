@@ -3,7 +3,7 @@
 Resume must verify the checkpoint it restores and fall back to the newest
 readable one; a save that fails must stop with one clear line and leave no
 partial files; a starting run removes the `ckpt-STEP_temp/` folders of
-killed saves. Most cases train the tiny model of tests/tiny_models.py
+killed saves. Most cases train the tiny model of tests/harness/tiny.py
 in-process (a second each); the CLI case runs scripts/train.py.
 """
 
@@ -21,11 +21,11 @@ import uuid
 
 import pytest
 import tensorflow as tf
-import tiny_models
 from absl import logging as absl_logging
 
 from fcn_tf import checkpoints, train_lib
 from fcn_tf.config import ExperimentConfig, ModelConfig, OptimizerConfig, TrainerConfig, override
+from harness import runs, tiny
 
 
 @pytest.fixture(autouse=True)
@@ -57,8 +57,8 @@ def _train(workdir, steps: int, num_classes: int = 3) -> dict:
         _config(steps, num_classes),
         str(workdir),
         tf.distribute.get_strategy(),
-        model_fn=lambda c: tiny_models.tiny_segmenter(num_classes),
-        dataset_fn=tiny_models.dataset_fn(),
+        model_fn=lambda c: tiny.tiny_segmenter(num_classes),
+        dataset_fn=tiny.dataset_fn(),
         evaluate=False,
     )
 
@@ -232,13 +232,13 @@ def test_all_checkpoints_unreadable_stops_with_one_line_and_changes_nothing(work
     _flip_byte(os.path.join(directory, "ckpt-4.index"), 0.3)
     os.remove(os.path.join(directory, DATA.format(2)))
     before = _digests(directory)
-    data_dir = tiny_models.make_synthetic_tfds(str(tmp_path / "data"), num_train=4, num_val=1)
+    data_dir = runs.make_synthetic_tfds(str(tmp_path / "data"), num_train=4, num_val=1)
     # The workdir was trained in process under another experiment name, which the script would refuse.
     os.remove(os.path.join(workdir, "config.json"))
 
     proc = subprocess.run(
-        tiny_models.train_command(str(workdir), data_dir, "trainer.train_steps=8"),
-        env=tiny_models.subprocess_env(),
+        runs.train_command(str(workdir), data_dir, "trainer.train_steps=8"),
+        env=runs.subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -420,15 +420,13 @@ def test_full_and_read_only_disk_on_a_real_filesystem(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_full_disk_through_the_cli_is_one_line_and_the_rerun_resumes(tmp_path):
-    data_dir = tiny_models.make_synthetic_tfds(str(tmp_path / "data"), num_train=4, num_val=1)
+    data_dir = runs.make_synthetic_tfds(str(tmp_path / "data"), num_train=4, num_val=1)
     workdir = tmp_path / "run"
     directory = _ckpt_dir(workdir)
-    command = tiny_models.train_command(str(workdir), data_dir, "trainer.train_steps=4")
+    command = runs.train_command(str(workdir), data_dir, "trainer.train_steps=4")
 
     def run():
-        return subprocess.run(
-            command, env=tiny_models.subprocess_env(), capture_output=True, text=True, timeout=900
-        )
+        return subprocess.run(command, env=runs.subprocess_env(), capture_output=True, text=True, timeout=900)
 
     # One checkpoint of the CLI's tiny R-18 (~90 MB) fits in 140 MB, a second does not.
     with _tmpfs(directory, "140m") as remount:

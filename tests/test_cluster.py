@@ -16,9 +16,9 @@ import sys
 
 import pytest
 
+from harness import runs
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import tiny_models  # noqa: E402
 
 
 def _consecutive_free_ports(count):
@@ -74,7 +74,7 @@ def _task(port_base):
 
 
 def _slurm_env(rank, tasks=2):
-    env = tiny_models.subprocess_env(
+    env = runs.subprocess_env(
         SLURM_PROCID=str(rank),
         SLURM_STEP_NUM_TASKS=str(tasks),
         SLURM_STEP_NODELIST="127.0.0.1",
@@ -140,9 +140,9 @@ def test_bad_cluster_and_collective_values_give_one_line_errors(monkeypatch):
 def test_cli_rejects_bad_cluster_and_collective(tmp_path):
     from fcn_tf.config import COLLECTIVES
 
-    script = os.path.join(tiny_models.REPO, "scripts", "train.py")
+    script = os.path.join(runs.REPO, "scripts", "train.py")
     base = [sys.executable, script, "--experiment=synthetic_r18_os8", f"--workdir={tmp_path}"]
-    env = tiny_models.subprocess_env()
+    env = runs.subprocess_env()
     collective = subprocess.run(
         [*base, "--override=trainer.collective=mpi"], capture_output=True, text=True, env=env
     )

@@ -16,7 +16,8 @@ import subprocess
 import time
 
 import pytest
-import tiny_models
+
+from harness import runs
 
 DEMO_SECONDS = 600
 DEMO_MIOU = 0.7
@@ -27,12 +28,12 @@ def test_make_demo_from_fresh_clone(tmp_path):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", tiny_models.REPO, str(clone)], check=True)
+    subprocess.run(["git", "clone", "-q", runs.REPO, str(clone)], check=True)
     start = time.perf_counter()
     proc = subprocess.run(
         ["make", "-o", "install", "demo"],
         cwd=clone,
-        env=tiny_models.subprocess_env(PYTHONPATH=str(clone)),
+        env=runs.subprocess_env(PYTHONPATH=str(clone)),
         capture_output=True,
         text=True,
         timeout=3 * DEMO_SECONDS,

@@ -13,10 +13,10 @@ import os
 import sys
 
 import pytest
-from child_process import child_results, print_result
+
+from harness.child import child_results, print_result
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
 MODES = {
     "whole": (),
@@ -30,12 +30,12 @@ def _child():
     tf.config.experimental.enable_op_determinism()
     import test_eval_lib
 
-    from fcn_tf import eval_lib, runtime
+    from fcn_tf import devices, eval_lib
 
     results = {}
     for accelerator in (False, True):
-        runtime.accelerators_visible = lambda accelerator=accelerator: accelerator
-        assert runtime.deterministic_accelerator() is accelerator
+        devices.accelerators_visible = lambda accelerator=accelerator: accelerator
+        assert devices.deterministic_accelerator() is accelerator
         for mode, overrides in MODES.items():
             config = test_eval_lib.config_for(*overrides)
             num_classes = config.model.num_classes

@@ -9,13 +9,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import tiny_models
 from test_export import png, random_image
 
 import experiments
 from fcn_tf import export_fixed, export_lib, predict_lib
 from fcn_tf.config import override
 from fcn_tf.models import build_fcn
+from harness import runs
+from harness.tiny import tiny_segmenter
 
 ALL_VARIANTS = [("litert", "float32"), ("litert", "float16"), ("litert", "int8"), ("onnx", "float32")]
 FLOAT32 = [("litert", "float32"), ("onnx", "float32")]
@@ -46,7 +47,7 @@ def tiny(tmp_path_factory):
     """A segmenter of a few hundred weights (the segmenter's own layers) at 48x64, every variant: seconds."""
     config = tiny_config()
     keras.utils.set_random_seed(0)
-    model = tiny_models.tiny_segmenter(sync_bn=False)
+    model = tiny_segmenter(sync_bn=False)
     directory = tmp_path_factory.mktemp("tiny")
     return (
         config,
@@ -108,7 +109,7 @@ def test_demo_model_in_each_runtime_matches_keras(demo):
 def test_float_input_and_batch(tmp_path):
     config = tiny_config()
     keras.utils.set_random_seed(2)
-    model = tiny_models.tiny_segmenter(sync_bn=False)
+    model = tiny_segmenter(sync_bn=False)
     results = export_fixed.export(
         config, model, str(tmp_path), variants=FLOAT32, size=(40, 56), batch_size=2, input_dtype="float32"
     )
@@ -165,7 +166,7 @@ def test_corrupted_export_is_refused_with_its_figure(tiny, tmp_path):
 def test_mismatched_export_is_refused_with_its_figure(tiny):
     config, model, directory, results = tiny
     keras.utils.set_random_seed(5)
-    other = tiny_models.tiny_segmenter(sync_bn=False)  # same architecture, other weights
+    other = tiny_segmenter(sync_bn=False)  # same architecture, other weights
     module = export_fixed.FixedSizeModel(config, other, (48, 64))
     images = export_fixed.check_images(module.input_spec)
     expected = export_fixed.TensorFlowRunner(module)(images)
@@ -249,7 +250,7 @@ def test_missing_runtime_is_one_line_before_any_work(tmp_path):
     run = subprocess.run(
         [
             sys.executable,
-            os.path.join(tiny_models.REPO, "scripts", "export.py"),
+            os.path.join(runs.REPO, "scripts", "export.py"),
             "--experiment=synthetic_r18_os8",
             f"--checkpoint={tmp_path / 'no-such-checkpoint'}",  # never read: the check comes first
             f"--export_dir={tmp_path / 'out'}",
@@ -257,7 +258,7 @@ def test_missing_runtime_is_one_line_before_any_work(tmp_path):
         ],
         capture_output=True,
         text=True,
-        env=tiny_models.subprocess_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{tiny_models.REPO}"),
+        env=runs.subprocess_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{runs.REPO}"),
         timeout=300,
     )
     assert run.returncode == 1

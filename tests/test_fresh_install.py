@@ -17,7 +17,8 @@ import textwrap
 import time
 
 import pytest
-import tiny_models
+
+from harness import runs
 
 # Runs with the fresh environment's Python: TensorFlow and the serving protos only.
 SERVE = textwrap.dedent(
@@ -53,10 +54,10 @@ def run(args, cwd, env, timeout=1800):
 def test_readme_sequence_on_the_plain_install(tmp_path):
     start = time.perf_counter()
     clone, venv = tmp_path / "clone", tmp_path / "venv"
-    subprocess.run(["git", "clone", "-q", tiny_models.REPO, str(clone)], check=True)
+    subprocess.run(["git", "clone", "-q", runs.REPO, str(clone)], check=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
-    env = tiny_models.subprocess_env()
+    env = runs.subprocess_env()
     env.pop("PYTHONPATH")  # the fresh environment's installation only
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
     run([python, "-m", "pip", "install", "-q", "-e", "."], clone, env)
@@ -72,7 +73,7 @@ def test_readme_sequence_on_the_plain_install(tmp_path):
     )
     assert modules.stdout.strip() == "[]"  # no optional package came along
 
-    overrides = [f"--override={o}" for o in tiny_models.TINY_OVERRIDES + ("trainer.train_steps=4",)]
+    overrides = [f"--override={o}" for o in runs.TINY_OVERRIDES + ("trainer.train_steps=4",)]
     run(
         [
             python,

@@ -226,7 +226,7 @@ def test_model_logits_fn_reads_dict_output_in_inference_mode():
 def test_slide_accumulation_for_op_determinism_on_accelerators_is_bit_identical(
     size, crop, stride, window_batch, monkeypatch
 ):
-    from fcn_tf import runtime
+    from fcn_tf import devices
 
     x = image(*size, n=2)
 
@@ -234,7 +234,7 @@ def test_slide_accumulation_for_op_determinism_on_accelerators_is_bit_identical(
         return predict_slide(contextual, x, size, crop, stride, window_batch, C)
 
     scattered = tf.function(run)(x).numpy()
-    monkeypatch.setattr(runtime, "deterministic_accelerator", lambda: True)
+    monkeypatch.setattr(devices, "deterministic_accelerator", lambda: True)
     # A fresh trace (the decision is taken when tracing), and eagerly.
     for ordered in (tf.function(run)(x), run(x)):
         np.testing.assert_array_equal(ordered.numpy(), scattered)

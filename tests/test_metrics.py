@@ -182,7 +182,7 @@ def test_two_logical_cpus_equal_one():
 
 
 def test_counts_for_op_determinism_on_accelerators_equal_bincount(monkeypatch):
-    from fcn_tf import runtime
+    from fcn_tf import devices
 
     rng = np.random.default_rng(5)
     cases = [
@@ -192,9 +192,9 @@ def test_counts_for_op_determinism_on_accelerators_equal_bincount(monkeypatch):
     ]
     for labels, predictions, num_classes in cases:
         labels[rng.random(labels.shape) < 0.1] = 255
-        monkeypatch.setattr(runtime, "deterministic_accelerator", lambda: False)
+        monkeypatch.setattr(devices, "deterministic_accelerator", lambda: False)
         want = confusion_matrix_update(labels, predictions, num_classes).numpy()
-        monkeypatch.setattr(runtime, "deterministic_accelerator", lambda: True)
+        monkeypatch.setattr(devices, "deterministic_accelerator", lambda: True)
         got = tf.function(lambda a, b, c=num_classes: confusion_matrix_update(a, b, c))(labels, predictions)
         assert got.dtype == tf.int64
         np.testing.assert_array_equal(got.numpy(), want)

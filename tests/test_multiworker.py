@@ -18,9 +18,9 @@ import sys
 
 import numpy as np
 
+from harness import runs
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import tiny_models  # noqa: E402
 
 STEPS = 4
 
@@ -49,7 +49,7 @@ def _worker(workdir, data_dir, out):
     assert strategy.num_replicas_in_sync == 2
     config = override(
         experiments.get("synthetic_r18_os8"),
-        *tiny_models.TINY_OVERRIDES,
+        *runs.TINY_OVERRIDES,
         f"data.data_dir={data_dir}",
         f"trainer.train_steps={STEPS}",
         "trainer.deterministic=false",
@@ -76,7 +76,7 @@ def _build(config):
 
 
 def test_two_workers_train_to_identical_weights(tmp_path):
-    data_dir = tiny_models.make_synthetic_tfds(str(tmp_path / "data"))
+    data_dir = runs.make_synthetic_tfds(str(tmp_path / "data"))
     workdir = str(tmp_path / "run")
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
@@ -86,7 +86,7 @@ def test_two_workers_train_to_identical_weights(tmp_path):
         procs.append(
             subprocess.Popen(
                 [sys.executable, __file__, "--worker", workdir, data_dir, str(tmp_path / f"w{index}.npz")],
-                env=tiny_models.subprocess_env(TF_CONFIG=tf_config),
+                env=runs.subprocess_env(TF_CONFIG=tf_config),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

@@ -19,11 +19,11 @@ import time
 
 import numpy as np
 import pytest
+from test_multiworker import _free_ports
+
+from harness import runs, tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import tiny_models  # noqa: E402
-from test_multiworker import _free_ports  # noqa: E402
 
 STEPS = 12
 NUM_EXAMPLES = 24
@@ -37,7 +37,7 @@ def _dataset_fn(ctx):
     def example(i):
         seed = tf.stack([i, tf.constant(7, tf.int64)])
         image = tf.random.stateless_normal([8, 8, 3], seed)
-        label = tf.random.stateless_uniform([8, 8], seed, maxval=tiny_models.NUM_CLASSES, dtype=tf.int32)
+        label = tf.random.stateless_uniform([8, 8], seed, maxval=tiny.NUM_CLASSES, dtype=tf.int32)
         return image, label, {"image_id": i}
 
     ds = tf.data.Dataset.range(NUM_EXAMPLES).shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
@@ -57,7 +57,7 @@ def _worker(workdir, ids_file, out, delay):
     assert isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy), strategy
     config = ExperimentConfig(
         name="tiny",
-        model=ModelConfig(num_classes=tiny_models.NUM_CLASSES),
+        model=ModelConfig(num_classes=tiny.NUM_CLASSES),
         optimizer=OptimizerConfig(base_lr=0.05),
         trainer=TrainerConfig(
             train_steps=STEPS, log_every=1, checkpoint_every=2, image_summary_every=0, deterministic=True
@@ -75,7 +75,7 @@ def _worker(workdir, ids_file, out, delay):
         config,
         workdir,
         strategy,
-        model_fn=lambda c: holder.setdefault("model", tiny_models.tiny_segmenter()),
+        model_fn=lambda c: holder.setdefault("model", tiny.tiny_segmenter()),
         dataset_fn=_dataset_fn,
         evaluate=False,
         input_observer=record,
@@ -95,7 +95,7 @@ def _start(tmp_path, workdir, name, delay):
         procs.append(
             subprocess.Popen(
                 [sys.executable, __file__, "--worker", *args, str(delay)],
-                env=tiny_models.subprocess_env(TF_CONFIG=tf_config),
+                env=runs.subprocess_env(TF_CONFIG=tf_config),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

@@ -4,10 +4,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from graph_ops import ancestors, traced_graph
 
 from fcn_tf.config import OptimizerConfig
 from fcn_tf.optimizers import TorchSGD, build_optimizer
+from harness.graphs import ancestors, traced_graph
 
 
 class _Lrs(keras.optimizers.schedules.LearningRateSchedule):

@@ -17,20 +17,21 @@ import time
 
 import numpy as np
 import pytest
-import tiny_models
+
+from harness import runs
 
 STEPS = 12
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return tiny_models.make_synthetic_tfds(str(tmp_path_factory.mktemp("resume_data")))
+    return runs.make_synthetic_tfds(str(tmp_path_factory.mktemp("resume_data")))
 
 
 def _start(workdir, data_dir):
     return subprocess.Popen(
-        tiny_models.train_command(workdir, data_dir, f"trainer.train_steps={STEPS}"),
-        env=tiny_models.subprocess_env(),
+        runs.train_command(workdir, data_dir, f"trainer.train_steps={STEPS}"),
+        env=runs.subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -68,7 +69,7 @@ def _straight_result(straight):
 
 
 def _assert_same_weights(a, b):
-    va, vb = tiny_models.checkpoint_variables(a), tiny_models.checkpoint_variables(b)
+    va, vb = runs.checkpoint_variables(a), runs.checkpoint_variables(b)
     assert va.keys() == vb.keys() and len(va) > 20
     assert any(k.startswith("optimizer/") for k in va)
     worst = max(va, key=lambda k: float(np.max(np.abs(va[k] - vb[k]))) if va[k].size else 0.0)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-import tiny_models
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fcn_tf import summaries, train_lib
 from fcn_tf.config import ExperimentConfig, ModelConfig, TrainerConfig, override
+from harness import tiny
 
 
 def _tags(logdir):
@@ -35,9 +35,9 @@ def trained(tmp_path_factory):
         config,
         workdir,
         tf.distribute.get_strategy(),
-        model_fn=lambda c: tiny_models.tiny_segmenter(),
-        dataset_fn=tiny_models.dataset_fn(),
-        eval_dataset_fn=tiny_models.eval_dataset_fn(),
+        model_fn=lambda c: tiny.tiny_segmenter(),
+        dataset_fn=tiny.dataset_fn(),
+        eval_dataset_fn=tiny.eval_dataset_fn(),
     )
     return workdir, result
 

@@ -13,10 +13,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from child_process import child_results, print_result
+
+from harness.child import child_results, print_result
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
 CHANNELS = 8
 # name -> (mean, std) of the inputs; "offset" is where E[x^2] - E[x]^2 in float32 breaks down.
@@ -130,10 +130,11 @@ def _graph_op_types(concrete) -> Counter:
 def _collectives_per_bn_layer(strategy, packed=True):
     """CollectiveReduceV2 ops per BatchNorm layer and replica in a traced forward + backward."""
     import tensorflow as tf
-    import tiny_models
+
+    from harness import tiny
 
     with strategy.scope():
-        model = tiny_models.tiny_segmenter(sync_bn=True)
+        model = tiny.tiny_segmenter(sync_bn=True)
     bns = [layer for layer in model.layers if "BatchNorm" in type(layer).__name__]
     for layer in bns:
         layer.packed_sync = packed
@@ -158,27 +159,27 @@ def _xla_two_replicas(strategy, sync_bn):
     import dataclasses
 
     import test_train_step
-    import tiny_models
 
-    from fcn_tf import runtime
+    from fcn_tf import train_lib
     from fcn_tf.models.layers import SyncBatchNormXlaError
+    from harness import tiny
 
-    initial = tiny_models.tiny_segmenter(sync_bn=sync_bn).get_weights()
+    initial = tiny.tiny_segmenter(sync_bn=sync_bn).get_weights()
     config = test_train_step._config(jit_compile=True)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, sync_bn=sync_bn))
 
     def run(jit):
         # run_steps builds the tiny model synchronized when there are several replicas; forced here.
-        original = tiny_models.tiny_segmenter
-        tiny_models.tiny_segmenter = lambda **kw: original(**{**kw, "sync_bn": sync_bn})
+        original = tiny.tiny_segmenter
+        tiny.tiny_segmenter = lambda **kw: original(**{**kw, "sync_bn": sync_bn})
         try:
             return test_train_step.run_steps(strategy, initial, test_train_step._config(jit_compile=jit))[1]
         finally:
-            tiny_models.tiny_segmenter = original
+            tiny.tiny_segmenter = original
 
     try:
         # What train() runs before building anything.
-        runtime.apply_training_settings(config, strategy)
+        train_lib.apply_training_settings(config, strategy)
     except SyncBatchNormXlaError as e:
         try:
             run(True)
@@ -191,7 +192,7 @@ def _xla_two_replicas(strategy, sync_bn):
 
 
 def _child():
-    from fcn_tf.distribute import configure_logical_cpus
+    from fcn_tf.devices import configure_logical_cpus
 
     configure_logical_cpus(2)
     import tensorflow as tf

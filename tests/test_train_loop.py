@@ -10,12 +10,12 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow as tf
-import tiny_models
-from graph_ops import ancestors
 
 from fcn_tf import train_lib
 from fcn_tf.config import ExperimentConfig, ModelConfig, OptimizerConfig, TrainerConfig, override
 from fcn_tf.optimizers import build_optimizer
+from harness import tiny
+from harness.graphs import ancestors
 
 
 def _config(**trainer):
@@ -36,8 +36,8 @@ def _train(workdir, config, dataset_fn=None, holder=None):
         config,
         str(workdir),
         tf.distribute.get_strategy(),
-        model_fn=lambda c: holder.setdefault("model", tiny_models.tiny_segmenter()),
-        dataset_fn=dataset_fn or tiny_models.dataset_fn(),
+        model_fn=lambda c: holder.setdefault("model", tiny.tiny_segmenter()),
+        dataset_fn=dataset_fn or tiny.dataset_fn(),
         evaluate=False,
     )
 
@@ -117,7 +117,7 @@ def test_non_logging_steps_read_nothing_on_host(tmp_path, monkeypatch):
 
 def _poisoned_dataset_fn(bad_steps, batch=4, steps=16):
     """Finite (images, labels) batches except at the 1-based `bad_steps`, whose images are NaN."""
-    images, labels = tiny_models.batch(0, steps * batch)
+    images, labels = tiny.batch(0, steps * batch)
     for step in bad_steps:
         images[(step - 1) * batch : step * batch] = np.nan
 
@@ -136,7 +136,7 @@ def _trained_weights(model):
 def test_non_finite_update_is_skipped_in_the_graph():
     config = _config()
     # With BatchNorm the NaN images make every logit NaN (a ReLU may turn a lone NaN into 0).
-    model = tiny_models.tiny_segmenter(sync_bn=False)
+    model = tiny.tiny_segmenter(sync_bn=False)
     optimizer = build_optimizer(config.optimizer, 10, aggregate_gradients=False)
     optimizer.build(model.trainable_variables)
     strategy = tf.distribute.get_strategy()
@@ -186,11 +186,11 @@ def test_non_finite_loss_between_logging_steps_stops_at_the_next_host_read(tmp_p
 @pytest.mark.parametrize("accum", [2, 4])
 def test_micro_batch_forward_waits_for_previous_gradients(accum):
     config = _config(grad_accum_steps=accum)
-    model = tiny_models.tiny_segmenter(sync_bn=False)
+    model = tiny.tiny_segmenter(sync_bn=False)
     optimizer = build_optimizer(config.optimizer, 10, aggregate_gradients=False)
     optimizer.build(model.trainable_variables)
     strategy = tf.distribute.get_strategy()
-    iterator = train_lib.make_train_iterator(strategy, tiny_models.dataset_fn())
+    iterator = train_lib.make_train_iterator(strategy, tiny.dataset_fn())
     step = train_lib.make_train_step(model, optimizer, strategy, config)
     graph = step.function.get_concrete_function(iterator, tf.constant(1, tf.int64)).graph
     (split,) = [
@@ -246,11 +246,11 @@ def test_workdir_of_the_older_layout_resumes_exactly(tmp_path):
     old = tmp_path / "old"
     _train(old, override(config, "trainer.train_steps=2"))
     # Rewrite step 2 in the older layout: model, optimizer, step, rng and iterator in one checkpoint.
-    model = tiny_models.tiny_segmenter()
+    model = tiny.tiny_segmenter()
     optimizer = build_optimizer(config.optimizer, 4, aggregate_gradients=False)
     optimizer.build(model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64)
-    iterator = train_lib.make_train_iterator(tf.distribute.get_strategy(), tiny_models.dataset_fn())
+    iterator = train_lib.make_train_iterator(tf.distribute.get_strategy(), tiny.dataset_fn())
     objects = dict(model=model, optimizer=optimizer, step=step, rng={})
     tf.train.Checkpoint(**objects).restore(
         str(old / "checkpoints" / "ckpt-2")
@@ -272,7 +272,7 @@ def test_workdir_of_the_older_layout_resumes_exactly(tmp_path):
 
 
 def test_older_layout_on_several_workers_is_refused(tmp_path):
-    objects = dict(model=tiny_models.tiny_segmenter(), step=tf.Variable(2, dtype=tf.int64))
+    objects = dict(model=tiny.tiny_segmenter(), step=tf.Variable(2, dtype=tf.int64))
     tf.train.CheckpointManager(tf.train.Checkpoint(**objects), str(tmp_path / "checkpoints"), 1).save(2)
     with pytest.raises(RuntimeError, match="on 2 workers: its checkpoints hold one input position"):
         train_lib.resume_step(str(tmp_path), 2)

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-import tiny_models
 
 from fcn_tf import train_lib
 from fcn_tf.config import ExperimentConfig, ModelConfig, OptimizerConfig, TrainerConfig
+from harness import runs, tiny
 
 
 def _config(**trainer):
@@ -35,8 +35,8 @@ def _train(workdir, config=None, dataset_fn=None, **kwargs):
         config,
         str(workdir),
         tf.distribute.get_strategy(),
-        model_fn=lambda c: tiny_models.tiny_segmenter(),
-        dataset_fn=dataset_fn or tiny_models.dataset_fn(),
+        model_fn=lambda c: tiny.tiny_segmenter(),
+        dataset_fn=dataset_fn or tiny.dataset_fn(),
         evaluate=False,
         **kwargs,
     )
@@ -44,7 +44,7 @@ def _train(workdir, config=None, dataset_fn=None, **kwargs):
 
 def _poisoned_dataset_fn(good_steps: int, batch: int = 4):
     """Finite images for `good_steps` steps, then NaN images (the loss becomes NaN)."""
-    images, labels = tiny_models.batch(0, 8 * batch)
+    images, labels = tiny.batch(0, 8 * batch)
     images[good_steps * batch :] = np.nan
 
     def make(ctx=None):
@@ -62,7 +62,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     # Nothing was saved after the last good checkpoint (step 2; step 4 is the bad one).
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-2")
     assert not any(name.startswith("ckpt-4") for name in os.listdir(tmp_path / "checkpoints"))
-    variables = tiny_models.checkpoint_variables(str(tmp_path / "checkpoints" / "ckpt-2"))
+    variables = runs.checkpoint_variables(str(tmp_path / "checkpoints" / "ckpt-2"))
     assert all(np.all(np.isfinite(v)) for v in variables.values() if v.dtype.kind == "f")
     # The lock was released: the workdir can be used again (and resumes from the good checkpoint).
     result = _train(tmp_path, config=_config(train_steps=3), dataset_fn=_poisoned_dataset_fn(good_steps=3))
@@ -144,8 +144,8 @@ def test_batch_not_divisible_by_replicas_and_accumulation(tmp_path):
 
 
 def test_cli_rejects_unknown_experiment_and_key(tmp_path):
-    script = os.path.join(tiny_models.REPO, "scripts", "train.py")
-    env = tiny_models.subprocess_env()
+    script = os.path.join(runs.REPO, "scripts", "train.py")
+    env = runs.subprocess_env()
     bad_name = subprocess.run(
         [sys.executable, script, "--experiment=nope", f"--workdir={tmp_path}"],
         capture_output=True,

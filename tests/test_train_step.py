@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
 GLOBAL_BATCH = 4
 
@@ -36,9 +35,10 @@ def _config(**trainer):
 def _ordered_dataset_fn(seed=0):
     """Same examples in the same order: replica r of N gets the r-th slice of each global batch."""
     import tensorflow as tf
-    import tiny_models
 
-    images, labels = tiny_models.batch(seed, 16)
+    from harness import tiny
+
+    images, labels = tiny.batch(seed, 16)
 
     def make(ctx=None):
         per_replica = ctx.get_per_replica_batch_size(GLOBAL_BATCH) if ctx else GLOBAL_BATCH
@@ -54,16 +54,16 @@ def _ordered_dataset_fn(seed=0):
 def run_steps(strategy, initial_weights, config, steps=2, bn=True):
     """Runs `steps` train steps; returns metrics and all model weights after each step."""
     import keras
-    import tiny_models
 
     from fcn_tf.optimizers import build_optimizer
     from fcn_tf.train_lib import make_train_iterator, make_train_step
+    from harness import tiny
 
     keras.utils.set_random_seed(0)
     with strategy.scope():
         # As build_fcn: synchronized BatchNorm only with more than one replica,
         # so 1 replica runs the fused kernel and 2 replicas Keras' synchronized one.
-        model = tiny_models.tiny_segmenter(sync_bn=strategy.num_replicas_in_sync > 1, bn=bn)
+        model = tiny.tiny_segmenter(sync_bn=strategy.num_replicas_in_sync > 1, bn=bn)
         if initial_weights is not None:
             model.set_weights(initial_weights)
         optimizer = build_optimizer(
@@ -100,19 +100,19 @@ def _mirrored_resume_diffs(strategy, initial, config):
     import tempfile
 
     import tensorflow as tf
-    import tiny_models
 
     from fcn_tf.optimizers import build_optimizer
     from fcn_tf.train_lib import make_train_iterator, make_train_step
+    from harness import tiny
 
     def fresh():
         with strategy.scope():
-            model = tiny_models.tiny_segmenter(sync_bn=True)
+            model = tiny.tiny_segmenter(sync_bn=True)
             model.set_weights(initial)
             optimizer = build_optimizer(config.optimizer, 10, aggregate_gradients=False)
             optimizer.build(model.trainable_variables)
         # A shuffled stream: the restored iterator must continue at the same position.
-        iterator = make_train_iterator(strategy, tiny_models.dataset_fn(GLOBAL_BATCH))
+        iterator = make_train_iterator(strategy, tiny.dataset_fn(GLOBAL_BATCH))
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, iterator=iterator)
         return model, iterator, checkpoint, make_train_step(model, optimizer, strategy, config)
 
@@ -132,13 +132,14 @@ def _mirrored_resume_diffs(strategy, initial, config):
 
 def _child():
     """Runs in a fresh process: 1 replica vs 2 replicas (mirrored over 2 logical CPUs)."""
-    from fcn_tf.distribute import configure_logical_cpus
+    from fcn_tf.devices import configure_logical_cpus
 
     configure_logical_cpus(2)
     import tensorflow as tf
-    import tiny_models
 
-    initial = tiny_models.tiny_segmenter().get_weights()
+    from harness import tiny
+
+    initial = tiny.tiny_segmenter().get_weights()
     one = tf.distribute.get_strategy()
     two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     assert two.num_replicas_in_sync == 2
@@ -156,7 +157,7 @@ def _child():
         grads[name] = float(np.max(np.abs(g1 - g2)))
     moved = {k: float(np.max(np.abs(v - w))) for (k, v), w in zip(single[0]["weights"].items(), initial)}
     # Gradient accumulation on 2 replicas (BN-free model: BN would see micro-batch statistics).
-    nobn_initial = tiny_models.tiny_segmenter(bn=False).get_weights()
+    nobn_initial = tiny.tiny_segmenter(bn=False).get_weights()
     _, full = run_steps(two, nobn_initial, config, bn=False)
     _, accum = run_steps(two, nobn_initial, _config(grad_accum_steps=2), bn=False)
     resume = _mirrored_resume_diffs(two, initial, config)
@@ -223,9 +224,10 @@ def test_gradient_accumulation_equals_full_batch(two_replica_results):
 
 def test_gradient_accumulation_single_replica():
     import tensorflow as tf
-    import tiny_models
 
-    initial = tiny_models.tiny_segmenter(bn=False).get_weights()
+    from harness import tiny
+
+    initial = tiny.tiny_segmenter(bn=False).get_weights()
     strategy = tf.distribute.get_strategy()
     _, full = run_steps(strategy, initial, _config(), bn=False)
     _, accum = run_steps(strategy, initial, _config(grad_accum_steps=4), bn=False)
@@ -256,9 +258,10 @@ def test_mixed_precision_step_keeps_float32_loss_and_variables(precision):
 
 def test_jit_compiled_forward_backward_matches_plain_step():
     import tensorflow as tf
-    import tiny_models
 
-    initial = tiny_models.tiny_segmenter(sync_bn=False).get_weights()
+    from harness import tiny
+
+    initial = tiny.tiny_segmenter(sync_bn=False).get_weights()
     strategy = tf.distribute.get_strategy()
     _, plain = run_steps(strategy, initial, _config())
     _, jitted = run_steps(strategy, initial, _config(jit_compile=True))

@@ -43,12 +43,12 @@ import keras
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
-from fcn_tf import runtime
+from fcn_tf import devices
 from fcn_tf.config import KERNELS
 
 # Kernel choices of the "cpu_fast" kernels made only where oneDNN runs
 # (TF_ENABLE_ONEDNN_OPTS=1 is the training default on CPU, see
-# fcn_tf.runtime.prefer_onednn), from measurements on the project's CPU at
+# fcn_tf.devices.prefer_onednn), from measurements on the project's CPU at
 # the R50-D8 shapes (BENCHMARKS.md). Both sides of each choice compute the
 # same values; only the speed differs.
 # A 1x1 filter gradient is a plain matmul when both channel counts reach this
@@ -75,14 +75,14 @@ CPU_KERNEL_SCOPE = "cpu_fast"
 @functools.cache
 def _onednn() -> bool:
     # Fixed for the process: TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, at import.
-    return runtime.onednn_enabled()
+    return devices.onednn_enabled()
 
 
 def resolve_kernels(kernels: str) -> str:
     """The kernels a layer runs: "cpu_fast" or "tensorflow" (see the module docstring).
 
     Args:
-      kernels: "auto" ("cpu_fast" when `fcn_tf.runtime.accelerators_visible()`
+      kernels: "auto" ("cpu_fast" when `fcn_tf.devices.accelerators_visible()`
         is false, else "tensorflow"), "tensorflow" or "cpu_fast".
 
     Raises:
@@ -91,7 +91,7 @@ def resolve_kernels(kernels: str) -> str:
     if kernels not in KERNELS:
         raise ValueError(f"kernels={kernels!r} not in {KERNELS}")
     if kernels == "auto":
-        return "tensorflow" if runtime.accelerators_visible() else "cpu_fast"
+        return "tensorflow" if devices.accelerators_visible() else "cpu_fast"
     return kernels
 
 
@@ -326,7 +326,7 @@ def sync_batch_norm(x, gamma, beta, epsilon: float, replica_ctx=None):
     replica_ctx = replica_ctx or tf.distribute.get_replica_context()
     replicas = replica_ctx.num_replicas_in_sync
     if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
-        # Also checked before training starts (fcn_tf.runtime); this covers other callers.
+        # Also checked before training starts (fcn_tf.train_lib.apply_training_settings); this covers other callers.
         check_xla_sync_bn(replica_ctx.strategy.extended.worker_devices, replicas)
     channels = x.shape[-1]
     reduce_axes = [0, 1, 2]

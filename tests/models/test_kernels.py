@@ -1,7 +1,7 @@
 """model.kernels: the FCN's training step on TensorFlow's kernels where a GPU or TPU is visible.
 
 The accelerator branch is forced by patching the device query
-(`fcn_tf.runtime.accelerators_visible`): the decision is made once, when the
+(`fcn_tf.devices.accelerators_visible`): the decision is made once, when the
 model is built, and every layer carries it in its config.
 """
 
@@ -11,12 +11,12 @@ from collections import Counter
 import keras
 import pytest
 import tensorflow as tf
-from graph_ops import traced_graph
 
-from fcn_tf import runtime
+from fcn_tf import devices, gpu_check
 from fcn_tf.config import ConfigError, ExperimentConfig, ModelConfig, validate
 from fcn_tf.models import build_fcn
 from fcn_tf.models.layers import BatchNorm, Conv2D, resolve_kernels
+from harness.graphs import traced_graph
 
 # A small R18-D8 with both heads: strided and dilated convs, 1x1 and 3x3, wide and narrow.
 SMALL = ModelConfig(backbone_depth=18, head_channels=16, aux_channels=16, num_classes=3)
@@ -40,12 +40,12 @@ def _train_step_graph(model):
 
 
 def _op_types(graph):
-    return Counter(op_type for _, op_type in runtime.traced_ops(graph))
+    return Counter(op_type for _, op_type in gpu_check.traced_ops(graph))
 
 
 @pytest.fixture
 def accelerator_visible(monkeypatch):
-    monkeypatch.setattr(runtime, "accelerators_visible", lambda: True)
+    monkeypatch.setattr(devices, "accelerators_visible", lambda: True)
 
 
 def test_fcn_built_with_an_accelerator_visible_trains_on_tensorflows_gradients(accelerator_visible):
@@ -61,7 +61,7 @@ def test_fcn_built_with_an_accelerator_visible_trains_on_tensorflows_gradients(a
     assert types["Conv2DBackpropFilter"] == len(convs)
     assert types["Conv2DBackpropInput"] == len(convs)
     assert types["FusedBatchNormGradV3"] == len(bns)
-    assert runtime.cpu_kernel_ops(graph) == []
+    assert gpu_check.cpu_kernel_ops(graph) == []
     assert types["ReverseV2"] == 0  # the hand-written input gradient's flipped kernel
 
 
@@ -77,7 +77,7 @@ def test_fcn_built_on_the_cpu_trains_on_the_cpu_kernels():
     # Only the strided convs keep TensorFlow's input gradient.
     assert types["Conv2DBackpropInput"] == len(strided)
     assert types["ReverseV2"] == len(fast)
-    assert len(runtime.cpu_kernel_ops(graph)) > len(fast)
+    assert len(gpu_check.cpu_kernel_ops(graph)) > len(fast)
 
 
 def test_explicit_kernels_win_over_the_device_query(accelerator_visible):

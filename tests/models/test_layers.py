@@ -8,10 +8,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from graph_ops import ancestors, traced_graph
 
 from fcn_tf.models import layers
 from fcn_tf.models.layers import BatchNorm, Conv2D, conv2d_same
+from harness.graphs import ancestors, traced_graph
 
 # (batch, height, width, in, out, kernel, dilation): odd and even sizes, 1x1,
 # dilations up to larger than the feature map.
@@ -257,10 +257,10 @@ def test_wide_filter_gradients_are_gathered_one_kernel_row_at_a_time():
 
 @pytest.mark.skipif(os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "1", reason="this process already runs oneDNN")
 def test_layers_with_onednn_kernels():
-    # The training default on CPU (fcn_tf.runtime.prefer_onednn): the same
+    # The training default on CPU (fcn_tf.devices.prefer_onednn): the same
     # tests in a process whose kernels, and so whose kernel choices, are oneDNN's.
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1")
-    code = "from fcn_tf.runtime import onednn_enabled; assert onednn_enabled()"
+    code = "from fcn_tf.devices import onednn_enabled; assert onednn_enabled()"
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],

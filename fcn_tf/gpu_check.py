@@ -1,110 +1,29 @@
-"""Process-wide TensorFlow settings, and where a train step's ops run.
+"""The accelerator smoke check: a few train steps of a small FCN on each GPU.
 
-`prefer_onednn` runs before TensorFlow is imported; `set_inter_op_threads`
-before TensorFlow executes anything (creating the strategy does);
-`apply_training_settings` when a training run starts. This module imports
-nothing heavy at import time, so scripts can call it first.
-
-`check_train_step` and `gpu_check` are the accelerator smoke check: a few
-train steps of a small FCN, failing where a convolution, matmul or BatchNorm
-op is placed off the GPU or the CPU-only kernels appear in the step.
+`gpu_check()` trains R18-D8 for a few steps on every visible GPU (float32
+and mixed_float16), then mirrored over all of them, and reports a problem
+where a convolution, matmul or BatchNorm op is placed off the GPU or the
+CPU-only kernels (`fcn_tf.models.layers.CPU_KERNEL_SCOPE`) appear in the
+step. `pytest -m gpu` and users on a GPU machine run it; it is the top of
+the package (it imports the training code), nothing imports it.
 """
 
 from __future__ import annotations
 
-import os
+import re
+import time
+from collections import Counter
 
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.eager import context
 
-def prefer_onednn() -> None:
-    """Turns on TensorFlow's oneDNN CPU kernels unless the user chose otherwise.
-
-    TensorFlow enables them by default only on Intel CPUs. On the project's AMD
-    CPU they make the train step 1.3-1.8x faster and plain-graph inference
-    1.2x faster (BENCHMARKS.md), with the parity tests green. TensorFlow reads
-    `TF_ENABLE_ONEDNN_OPTS` once, when it is imported: call this before any
-    import that pulls in TensorFlow. A value already exported wins.
-    """
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-
-
-def onednn_enabled() -> bool:
-    """Whether this TensorFlow process runs oneDNN CPU kernels (imports TensorFlow)."""
-    from tensorflow.python.util import _pywrap_util_port
-
-    return bool(_pywrap_util_port.IsMklEnabled())
-
-
-def accelerators_visible() -> bool:
-    """Whether TensorFlow sees a GPU or TPU (imports TensorFlow)."""
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU") + tf.config.list_physical_devices("TPU"))
-
-
-def deterministic_accelerator() -> bool:
-    """Whether op determinism is on and a GPU or TPU is visible (imports TensorFlow).
-
-    There, ops without a deterministic GPU kernel (`tf.math.bincount`, a
-    scatter-add with repeated indices) raise or are not reproducible; the
-    metric and the sliding-window inference switch to deterministic
-    formulations.
-    """
-    from tensorflow.python.framework import config as tf_config
-
-    return bool(tf_config.is_op_determinism_enabled()) and accelerators_visible()
-
-
-def set_inter_op_threads(threads: int) -> int:
-    """Sizes TensorFlow's inter-op thread pool; returns the size set (0: TensorFlow's default).
-
-    Args:
-      threads: -1 (auto): 1 when no GPU or TPU is visible, else TensorFlow's
-        default. On a CPU-only machine every convolution and matmul already
-        spreads over all cores through the intra-op pool; a second op running
-        beside it gains a little speed (~2.5% for R50-D8) and keeps more tensors
-        alive (250-300 MB; `TrainerConfig.inter_op_threads`).
-        0: TensorFlow's default. N > 0: N threads.
-
-    Raises:
-      ValueError: `threads` < -1.
-      RuntimeError: TensorFlow has already started executing.
-    """
-    import tensorflow as tf
-
-    if threads < -1:
-        raise ValueError(f"inter-op threads must be >= -1 (-1: auto), got {threads}")
-    if threads == -1:
-        threads = 0 if accelerators_visible() else 1
-    if threads != tf.config.threading.get_inter_op_parallelism_threads():
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    return threads
-
-
-def apply_training_settings(config, strategy) -> None:
-    """Start-up settings of a training run, made before the model is built.
-
-    TF32 follows `trainer.tf32` (TensorFlow enables it by default on Ampere
-    and newer GPUs; the reference publishes its numbers without it). XLA
-    (`trainer.jit_compile`) with synchronized BatchNorm over several
-    replicas is refused here, with a one-line message, where TensorFlow
-    cannot compile it (`fcn_tf.models.layers.check_xla_sync_bn`).
-
-    Args:
-      config: the validated `ExperimentConfig`.
-      strategy: the strategy the run trains with.
-
-    Raises:
-      fcn_tf.models.layers.SyncBatchNormXlaError: XLA with synchronized
-        BatchNorm on replicas that are not all GPUs.
-    """
-    import tensorflow as tf
-
-    from fcn_tf.models.layers import check_xla_sync_bn
-
-    tf.config.experimental.enable_tensor_float_32_execution(config.trainer.tf32)
-    if config.trainer.jit_compile and config.model.sync_bn:
-        check_xla_sync_bn(strategy.extended.worker_devices, strategy.num_replicas_in_sync)
-
+from fcn_tf import train_lib
+from fcn_tf.config import DataConfig, ExperimentConfig, ModelConfig, TrainerConfig, validate
+from fcn_tf.models import build_fcn
+from fcn_tf.models.layers import CPU_KERNEL_SCOPE
+from fcn_tf.optimizers import build_optimizer
 
 # Op types of a train step that must run on the accelerator, as substrings so
 # that Grappler's fused and oneDNN forms (_FusedConv2D, _MklFusedBatchNormV3)
@@ -130,10 +49,6 @@ def cpu_kernel_ops(graph) -> list[str]:
     Args:
       graph: a traced graph, e.g. of a train step.
     """
-    import re
-
-    from fcn_tf.models.layers import CPU_KERNEL_SCOPE
-
     scope = re.compile(rf"(^|/){CPU_KERNEL_SCOPE}(_\d+)?/")
     return sorted(name for name, _ in traced_ops(graph) if scope.search(name))
 
@@ -150,8 +65,6 @@ def op_placement(fn, *args) -> list[tuple[str, str]]:
       fn: a `tf.function`.
       *args: its arguments.
     """
-    from tensorflow.python.eager import context
-
     context.enable_run_metadata()
     try:
         fn(*args)
@@ -187,18 +100,6 @@ def check_train_step(devices, steps: int = 3, precision: str = "float32", image_
       device type), "cpu_kernel_ops" (count), "collectives", "loss",
       "seconds_per_step", "problems" (list of strings; empty when fine)}.
     """
-    import time
-    from collections import Counter
-
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
-    from fcn_tf import train_lib
-    from fcn_tf.config import DataConfig, ExperimentConfig, ModelConfig, TrainerConfig, validate
-    from fcn_tf.models import build_fcn
-    from fcn_tf.optimizers import build_optimizer
-
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (the first one is not timed), got {steps}")
     devices = list(devices)
@@ -303,8 +204,6 @@ def gpu_check(steps: int = 3) -> dict:
       {"gpus": count, "status": "no GPU visible" | "ok" | "problems",
       "runs": [check_train_step reports], "problems": ["<devices>: <problem>", ...]}.
     """
-    import tensorflow as tf
-
     gpus = [f"/gpu:{i}" for i in range(len(tf.config.list_logical_devices("GPU")))]
     if not gpus:
         return {"gpus": 0, "status": "no GPU visible", "runs": [], "problems": []}

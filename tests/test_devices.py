@@ -1,10 +1,10 @@
-"""fcn_tf.runtime: settings made before TensorFlow is imported."""
+"""fcn_tf.devices: settings made before TensorFlow is imported."""
 
 import os
 import subprocess
 import sys
 
-from fcn_tf.runtime import prefer_onednn
+from fcn_tf.devices import prefer_onednn
 
 
 def test_prefer_onednn_sets_a_default_and_keeps_the_users_choice(monkeypatch):
@@ -16,10 +16,10 @@ def test_prefer_onednn_sets_a_default_and_keeps_the_users_choice(monkeypatch):
     assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "0"
 
 
-def test_runtime_module_does_not_import_tensorflow():
+def test_devices_module_does_not_import_tensorflow():
     # The scripts call prefer_onednn() first; importing it must not load TensorFlow,
     # which reads the variable once, at import.
-    code = "import sys, fcn_tf.runtime; print('tensorflow' in sys.modules)"
+    code = "import sys, fcn_tf.devices; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -27,7 +27,7 @@ def test_runtime_module_does_not_import_tensorflow():
 def _inter_op_after(arg):
     code = (
         "import tensorflow as tf\n"
-        "from fcn_tf.runtime import set_inter_op_threads\n"
+        "from fcn_tf.devices import set_inter_op_threads\n"
         f"got = set_inter_op_threads({arg})\n"
         "tf.constant(1.0) + 1.0  # TensorFlow starts with that pool\n"
         "print(got, tf.config.threading.get_inter_op_parallelism_threads())\n"
@@ -47,14 +47,14 @@ def test_inter_op_threads_auto_is_one_without_accelerators_and_explicit_values_w
 def test_inter_op_threads_rejects_values_below_minus_one():
     import pytest
 
-    from fcn_tf.runtime import set_inter_op_threads
+    from fcn_tf.devices import set_inter_op_threads
 
     with pytest.raises(ValueError, match="-2"):
         set_inter_op_threads(-2)
 
 
 def test_onednn_enabled_reports_the_import_time_setting():
-    code = "from fcn_tf.runtime import onednn_enabled; print(onednn_enabled())"
+    code = "from fcn_tf.devices import onednn_enabled; print(onednn_enabled())"
     for value, expected in (("1", "True"), ("0", "False")):
         env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=value, TF_CPP_MIN_LOG_LEVEL="3")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -76,8 +76,7 @@ def test_training_settings_apply_tf32_and_the_config_records_it(tmp_path):
     import tensorflow as tf
 
     from fcn_tf.config import ExperimentConfig, TrainerConfig
-    from fcn_tf.runtime import apply_training_settings
-    from fcn_tf.train_lib import write_config
+    from fcn_tf.train_lib import apply_training_settings, write_config
 
     previous = tf.config.experimental.tensor_float_32_execution_enabled()
     try:
@@ -97,7 +96,7 @@ def test_xla_with_synchronized_batch_norm_is_refused_up_front_where_tensorflow_c
 
     from fcn_tf.config import ExperimentConfig, ModelConfig, TrainerConfig
     from fcn_tf.models.layers import SyncBatchNormXlaError
-    from fcn_tf.runtime import apply_training_settings
+    from fcn_tf.train_lib import apply_training_settings
 
     jit = ExperimentConfig(name="x", trainer=TrainerConfig(jit_compile=True))
     with pytest.raises(SyncBatchNormXlaError, match="trainer.jit_compile=false or model.sync_bn=false"):

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-import tiny_models
+from harness import runs
 
 
 def child_results(path: str, timeout: int = 600) -> dict:
@@ -19,8 +19,8 @@ def child_results(path: str, timeout: int = 600) -> dict:
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=tiny_models.subprocess_env(),
-        cwd=tiny_models.REPO,
+        env=runs.subprocess_env(),
+        cwd=runs.REPO,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -7,7 +7,6 @@ TensorFlow initializes.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections import Counter
 
@@ -15,8 +14,6 @@ import numpy as np
 import pytest
 
 from harness.child import child_results, print_result
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 CHANNELS = 8
 # name -> (mean, std) of the inputs; "offset" is where E[x^2] - E[x]^2 in float32 breaks down.

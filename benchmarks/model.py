@@ -229,13 +229,9 @@ def _build_tf_model(measurement: Measurement, strategy):
     config = ModelConfig(**{**measurement.model, "pretrained_backbone": ""})
     if strategy is None:
         return build_fcn(config, sync_bn=False), config
-    if measurement.keras_sync_bn:
-        from fcn_tf.models import layers
-
-        layers.BatchNorm.packed_sync = False  # this child process only
     with strategy.scope():
         # Several replicas: BatchNorm synchronized as the experiment says, as in training.
-        return build_fcn(config), config
+        return build_fcn(config, packed_sync=not measurement.keras_sync_bn), config
 
 
 def _experiment(m: Measurement, model_config):

@@ -52,7 +52,7 @@ class ModelConfig:
       sync_bn: synchronize BatchNorm statistics across replicas.
       kernels: the training step's kernels: "cpu_fast" (the hand-written
         convolution gradients and the oneDNN BatchNorm choices of
-        `fcn_tf.models.layers`, tuned for CPUs), "tensorflow" (TensorFlow's
+        `fcn_tf.models.cpu_kernels`, tuned for CPUs), "tensorflow" (TensorFlow's
         own gradients and fused BatchNorm everywhere: cuDNN on GPUs, XLA's
         on TPUs) or "auto" ("cpu_fast" when no GPU or TPU is visible, else
         "tensorflow"; decided once, when the model is built).

@@ -3,7 +3,7 @@
 `gpu_check()` trains R18-D8 for a few steps on every visible GPU (float32
 and mixed_float16), then mirrored over all of them, and reports a problem
 where a convolution, matmul or BatchNorm op is placed off the GPU or the
-CPU-only kernels (`fcn_tf.models.layers.CPU_KERNEL_SCOPE`) appear in the
+CPU-only kernels (`fcn_tf.models.cpu_kernels.CPU_KERNEL_SCOPE`) appear in the
 step. `pytest -m gpu` and users on a GPU machine run it; it is the top of
 the package (it imports the training code), nothing imports it.
 """
@@ -22,7 +22,7 @@ from tensorflow.python.eager import context
 from fcn_tf import train_lib
 from fcn_tf.config import DataConfig, ExperimentConfig, ModelConfig, TrainerConfig, validate
 from fcn_tf.models import build_fcn
-from fcn_tf.models.layers import CPU_KERNEL_SCOPE
+from fcn_tf.models.cpu_kernels import CPU_KERNEL_SCOPE
 from fcn_tf.optimizers import build_optimizer
 
 # Op types of a train step that must run on the accelerator, as substrings so
@@ -44,7 +44,7 @@ def traced_ops(graph) -> list[tuple[str, str]]:
 
 
 def cpu_kernel_ops(graph) -> list[str]:
-    """Names of the ops only the "cpu_fast" kernels make (`fcn_tf.models.layers.CPU_KERNEL_SCOPE`).
+    """Names of the ops only the "cpu_fast" kernels make (`fcn_tf.models.cpu_kernels.CPU_KERNEL_SCOPE`).
 
     Args:
       graph: a traced graph, e.g. of a train step.

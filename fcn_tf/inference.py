@@ -144,9 +144,7 @@ def predict_slide(
     # (y, x) indices alone.
     pixels = tf.transpose(padded, [1, 2, 0, 3])  # (ph, pw, N, 3)
 
-    ys, xs = window_starts(ph, ch, sh), window_starts(pw, cw, sw)
-    grid_y, grid_x = tf.meshgrid(ys, xs, indexing="ij")
-    starts = tf.stack([tf.reshape(grid_y, [-1]), tf.reshape(grid_x, [-1])], axis=1)  # (windows, 2)
+    starts = _window_grid(ph, pw, (ch, cw), (sh, sw))
     num_windows = tf.shape(starts)[0]
     # A scatter-add of overlapping windows is not deterministic on a GPU
     # (op determinism rejects it there); the CPU's is, and is the fastest.
@@ -161,19 +159,9 @@ def predict_slide(
         crops = tf.reshape(tf.transpose(crops, [0, 3, 1, 2, 4]), [k * n, ch, cw, 3])
         logits = tf.cast(logits_fn(crops), tf.float32)
         logits = tf.transpose(tf.reshape(logits, [k, n, ch, cw, num_classes]), [0, 2, 3, 1, 4])
-
         if deterministic:
             return i + window_batch, *_add_windows_in_order(sums, counts, chunk, logits)
-        indices = tf.stack(
-            [
-                tf.broadcast_to(rows[:, :, None], [k, ch, cw]),
-                tf.broadcast_to(cols[:, None, :], [k, ch, cw]),
-            ],
-            axis=-1,
-        )  # (k, ch, cw, 2)
-        # Overlapping windows (also inside one chunk) add up: scatter-add sums duplicates.
-        sums = tf.tensor_scatter_nd_add(sums, indices, logits)
-        counts = tf.tensor_scatter_nd_add(counts, indices, tf.ones([k, ch, cw], tf.float32))
+        sums, counts = _add_windows_at_once(sums, counts, k, rows, cols, logits)
         return i + window_batch, sums, counts
 
     sums = tf.zeros(tf.stack([ph, pw, n, num_classes]), tf.float32)
@@ -184,6 +172,38 @@ def predict_slide(
     logits = sums[:h, :w] / counts[:h, :w, None, None]  # every pixel is covered at least once
     logits = tf.transpose(logits, [2, 0, 1, 3])  # (N, h, w, C)
     return _resize(logits, out_size)
+
+
+def _window_grid(height, width, crop_size, stride) -> tf.Tensor:
+    """int32 (windows, 2) start offsets (y, x) of every window, row by row (`window_starts` per axis)."""
+    ys, xs = window_starts(height, crop_size[0], stride[0]), window_starts(width, crop_size[1], stride[1])
+    grid_y, grid_x = tf.meshgrid(ys, xs, indexing="ij")
+    return tf.stack([tf.reshape(grid_y, [-1]), tf.reshape(grid_x, [-1])], axis=1)
+
+
+def _add_windows_at_once(sums, counts, k, rows, cols, logits):
+    """`predict_slide`'s accumulation of k windows by one scatter-add (the CPU's, deterministic there).
+
+    Args:
+      sums: float32 (ph, pw, N, C) running sums of logits.
+      counts: float32 (ph, pw) windows covering each pixel so far.
+      k: int32 scalar, the number of windows.
+      rows: int32 (k, ch) the windows' rows, ch known statically.
+      cols: int32 (k, cw) the windows' columns, cw known statically.
+      logits: float32 (k, ch, cw, N, C) the windows' logits.
+    """
+    ch, cw = rows.shape[1], cols.shape[1]
+    indices = tf.stack(
+        [
+            tf.broadcast_to(rows[:, :, None], [k, ch, cw]),
+            tf.broadcast_to(cols[:, None, :], [k, ch, cw]),
+        ],
+        axis=-1,
+    )  # (k, ch, cw, 2)
+    # Overlapping windows (also inside one chunk) add up: scatter-add sums duplicates.
+    sums = tf.tensor_scatter_nd_add(sums, indices, logits)
+    counts = tf.tensor_scatter_nd_add(counts, indices, tf.ones([k, ch, cw], tf.float32))
+    return sums, counts
 
 
 def _update_slice(tensor, begin, value):

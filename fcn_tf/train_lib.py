@@ -44,7 +44,7 @@ from absl import logging
 from fcn_tf import checkpoints, distribute, summaries
 from fcn_tf.config import WORKDIR_CONFIG, ExperimentConfig, to_json, validate
 from fcn_tf.losses import global_valid_pixel_count, segmentation_losses
-from fcn_tf.models.layers import check_xla_sync_bn
+from fcn_tf.models.sync_batch_norm import check_xla_sync_bn
 from fcn_tf.optimizers import build_optimizer
 from fcn_tf.schedules import poly_from_config
 
@@ -130,14 +130,14 @@ def apply_training_settings(config, strategy) -> None:
     and newer GPUs; the reference publishes its numbers without it). XLA
     (`trainer.jit_compile`) with synchronized BatchNorm over several
     replicas is refused here, with a one-line message, where TensorFlow
-    cannot compile it (`fcn_tf.models.layers.check_xla_sync_bn`).
+    cannot compile it (`fcn_tf.models.sync_batch_norm.check_xla_sync_bn`).
 
     Args:
       config: the validated `ExperimentConfig`.
       strategy: the strategy the run trains with.
 
     Raises:
-      fcn_tf.models.layers.SyncBatchNormXlaError: XLA with synchronized
+      fcn_tf.models.sync_batch_norm.SyncBatchNormXlaError: XLA with synchronized
         BatchNorm on replicas that are not all GPUs.
     """
     tf.config.experimental.enable_tensor_float_32_execution(config.trainer.tf32)

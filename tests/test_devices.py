@@ -95,7 +95,7 @@ def test_xla_with_synchronized_batch_norm_is_refused_up_front_where_tensorflow_c
     import pytest
 
     from fcn_tf.config import ExperimentConfig, ModelConfig, TrainerConfig
-    from fcn_tf.models.layers import SyncBatchNormXlaError
+    from fcn_tf.models.sync_batch_norm import SyncBatchNormXlaError
     from fcn_tf.train_lib import apply_training_settings
 
     jit = ExperimentConfig(name="x", trainer=TrainerConfig(jit_compile=True))

@@ -94,8 +94,6 @@ KNOWN_LONG = {
     "fcn_tf.data.augment",
     "fcn_tf.train_lib.make_train_step",
     "fcn_tf.gpu_check.check_train_step",
-    "fcn_tf.models.layers.sync_batch_norm",
-    "fcn_tf.inference.predict_slide",
     "fcn_tf.checkpoints.newest_readable",
     "fcn_tf.train_lib.train",
 }

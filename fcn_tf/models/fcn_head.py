@@ -22,6 +22,7 @@ def fcn_head(
     bn_epsilon: float = 1e-5,
     sync_bn: bool = False,
     kernels: str = "auto",
+    packed_sync: bool = True,
     name: str = "head",
 ):
     """Applies an FCN head to a feature map; returns logits at its resolution.
@@ -37,6 +38,8 @@ def fcn_head(
       sync_bn: synchronize BatchNorm statistics across replicas.
       kernels: "auto", "tensorflow" or "cpu_fast" (see
         `fcn_tf.models.layers.resolve_kernels`).
+      packed_sync: False: synchronized BatchNorms run Keras' own
+        implementation (`fcn_tf.models.layers.BatchNorm`).
       name: prefix of the layer names (`{name}_conv{i}`, `{name}_bn{i}`,
         `{name}_classifier`).
     """
@@ -56,6 +59,7 @@ def fcn_head(
             epsilon=bn_epsilon,
             synchronized=sync_bn,
             kernels=kernels,
+            packed_sync=packed_sync,
             name=f"{name}_bn{i}",
         )(x)
         x = layers.ReLU(name=f"{name}_relu{i}")(x)

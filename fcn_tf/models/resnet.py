@@ -48,11 +48,12 @@ def stage_channels(depth: int) -> tuple[int, ...]:
 class _Builder:
     """Creates named conv / BN / ReLU layers with shared settings."""
 
-    def __init__(self, bn_momentum: float, bn_epsilon: float, sync_bn: bool, kernels: str):
+    def __init__(self, bn_momentum: float, bn_epsilon: float, sync_bn: bool, kernels: str, packed_sync: bool):
         self.bn_momentum = bn_momentum
         self.bn_epsilon = bn_epsilon
         self.sync_bn = sync_bn
         self.kernels = kernels
+        self.packed_sync = packed_sync
 
     def conv(self, x, filters, kernel, name, stride=1, dilation=1, use_bias=False):
         if kernel > 1 and stride > 1:
@@ -80,6 +81,7 @@ class _Builder:
             epsilon=self.bn_epsilon,
             synchronized=self.sync_bn,
             kernels=self.kernels,
+            packed_sync=self.packed_sync,
             name=name,
         )(x)
 
@@ -124,6 +126,7 @@ def build_resnet(
     bn_epsilon: float = 1e-5,
     sync_bn: bool = False,
     kernels: str = "auto",
+    packed_sync: bool = True,
     name: str = "backbone",
 ) -> keras.Model:
     """Builds a dilated ResNet returning `{"layer1", ..., "layer4"}` features.
@@ -138,6 +141,9 @@ def build_resnet(
       sync_bn: synchronize BatchNorm statistics across replicas.
       kernels: "auto", "tensorflow" or "cpu_fast" (see
         `fcn_tf.models.layers.resolve_kernels`), resolved once here.
+      packed_sync: False: synchronized BatchNorms run Keras' own
+        implementation instead of `fcn_tf.models.sync_batch_norm` (for
+        side-by-side comparisons).
       name: model name.
 
     Returns:
@@ -149,7 +155,7 @@ def build_resnet(
         raise ValueError(
             f"unsupported output_stride {output_stride}; choose from {sorted(STAGE_STRIDES_DILATIONS)}"
         )
-    b = _Builder(bn_momentum, bn_epsilon, sync_bn, resolve_kernels(kernels))
+    b = _Builder(bn_momentum, bn_epsilon, sync_bn, resolve_kernels(kernels), packed_sync)
     kind, blocks = DEPTH_BLOCKS[depth]
     strides, dilations = STAGE_STRIDES_DILATIONS[output_stride]
 

@@ -40,7 +40,9 @@ def _sync_bn(config: ModelConfig) -> bool:
     return config.sync_bn and tf.distribute.get_strategy().num_replicas_in_sync > 1
 
 
-def build_fcn(config: ModelConfig, sync_bn: bool | None = None, name: str = "fcn") -> keras.Model:
+def build_fcn(
+    config: ModelConfig, sync_bn: bool | None = None, packed_sync: bool = True, name: str = "fcn"
+) -> keras.Model:
     """Builds the FCN segmenter described by `config`.
 
     Args:
@@ -48,7 +50,9 @@ def build_fcn(config: ModelConfig, sync_bn: bool | None = None, name: str = "fcn
       sync_bn: force BatchNorm synchronization on or off; by default it is
         on when `config.sync_bn` and the current strategy has several replicas
         (so build inside `strategy.scope()`). Synchronized layers exchange one
-        packed tensor per pass (`fcn_tf.models.layers.sync_batch_norm`).
+        packed tensor per pass (`fcn_tf.models.sync_batch_norm`).
+      packed_sync: False: synchronized layers run Keras' own synchronized
+        BatchNorm instead (for side-by-side comparisons; same variables).
       name: model name.
 
     Returns:
@@ -65,8 +69,15 @@ def build_fcn(config: ModelConfig, sync_bn: bool | None = None, name: str = "fcn
         bn_epsilon=config.bn_epsilon,
         sync_bn=sync,
         kernels=kernels,
+        packed_sync=packed_sync,
     )
-    norm = dict(bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon, sync_bn=sync, kernels=kernels)
+    norm = dict(
+        bn_momentum=config.bn_momentum,
+        bn_epsilon=config.bn_epsilon,
+        sync_bn=sync,
+        kernels=kernels,
+        packed_sync=packed_sync,
+    )
     image = keras.Input(shape=(None, None, 3), name="image")
     features = backbone(image)
     outputs = {}

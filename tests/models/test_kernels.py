@@ -2,7 +2,8 @@
 
 The accelerator branch is forced by patching the device query
 (`fcn_tf.devices.accelerators_visible`): the decision is made once, when the
-model is built, and every layer carries it in its config.
+model is built, and every layer carries it in its config. So does the choice
+of synchronized BatchNorm (packed or Keras' own).
 """
 
 import dataclasses
@@ -98,6 +99,20 @@ def test_the_decision_is_kept_in_the_layer_config(accelerator_visible):
         keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(conv)).kernels
         == "tensorflow"
     )
+
+
+def test_the_synchronized_batch_norm_implementation_is_chosen_per_model():
+    # Keras' own synchronized BatchNorm, for side-by-side comparisons, in one
+    # model only: another model built in the same process keeps the packed one.
+    keras_sync = build_fcn(SMALL, sync_bn=True, packed_sync=False)
+    packed = build_fcn(SMALL, sync_bn=True)
+    for model, want in ((keras_sync, False), (packed, True)):
+        bns = [layer for layer in _layers(model) if isinstance(layer, BatchNorm)]
+        assert bns and {layer.packed_sync for layer in bns} == {want}
+        assert {layer.get_config()["packed_sync"] for layer in bns} == {want}
+    bn = next(layer for layer in _layers(keras_sync) if isinstance(layer, BatchNorm))
+    restored = BatchNorm.from_config(bn.get_config())
+    assert restored.synchronized and not restored.packed_sync
 
 
 def test_unknown_kernels_are_refused():

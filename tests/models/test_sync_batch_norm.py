@@ -7,7 +7,6 @@ TensorFlow initializes.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections import Counter
 
@@ -15,8 +14,6 @@ import numpy as np
 import pytest
 
 from harness.child import child_results, print_result
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 CHANNELS = 8
 # name -> (mean, std) of the inputs; "offset" is where E[x^2] - E[x]^2 in float32 breaks down.
@@ -30,8 +27,7 @@ def _relative(a, b) -> float:
 def _layer(synchronized, weights, packed=True):
     from fcn_tf.models.layers import BatchNorm
 
-    layer = BatchNorm(momentum=0.9, epsilon=1e-5, synchronized=synchronized)
-    layer.packed_sync = packed
+    layer = BatchNorm(momentum=0.9, epsilon=1e-5, synchronized=synchronized, packed_sync=packed)
     layer.build((None, None, None, CHANNELS))
     layer.set_weights(weights)
     return layer
@@ -161,7 +157,7 @@ def _xla_two_replicas(strategy, sync_bn):
     import test_train_step
 
     from fcn_tf import train_lib
-    from fcn_tf.models.layers import SyncBatchNormXlaError
+    from fcn_tf.models.sync_batch_norm import SyncBatchNormXlaError
     from harness import tiny
 
     initial = tiny.tiny_segmenter(sync_bn=sync_bn).get_weights()

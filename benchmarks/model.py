@@ -18,10 +18,9 @@ from typing import Any
 
 from benchmarks.harness import Measurement, current_rss_mb, device_peak_mb, peak_rss_mb, time_calls
 
-# The one place the benchmarks take the BatchNorm folding and the main-path
-# model from: they move together if the library moves them.
-from fcn_tf.export_lib import logits_model
-from fcn_tf.models.fold_batchnorm import fold_batchnorm
+# The inference model as the exports build it (main path, BatchNorm folded
+# or not), so the inference rows time what an export runs.
+from fcn_tf.export import inference_model, logits_model
 
 
 def _fetch(tensor) -> float:
@@ -295,9 +294,7 @@ def run_tf(measurement: Measurement) -> dict:
             result["forward_flops_per_image"] = forward
             result["flops_per_image"] = 3 * forward
     elif m.what in ("infer", "slide"):
-        main = logits_model(model)
-        if m.fold_bn:
-            main = fold_batchnorm(main)
+        main = inference_model(model, m.fold_bn)
         if m.what == "infer":
             call = _inference_call(main, images, m.jit_compile, strategy)
 

@@ -6,7 +6,8 @@ torchvision's FCN of the same depth, each against the matrix-multiply peak
 of its own framework measured with the same environment (the roofline). The
 GPU plan times our model for float32 and mixed precision, with and without
 XLA, on 1, 2, 4, ... of the visible GPUs, with TensorFlow's peak device
-memory. The input benchmark is `benchmarks.input`.
+memory. The input benchmark is `benchmarks.input`, the export latency
+`benchmarks.export`.
 
 This module imports neither TensorFlow nor torch: every measurement runs in
 a child process (`benchmarks.harness`).
@@ -19,10 +20,13 @@ import platform
 import statistics
 from collections.abc import Sequence
 
+from benchmarks import export as export_bench
 from benchmarks import torch_side
 from benchmarks.harness import Measurement, child_env, load_average, run_child, run_isolated
 
-KINDS = ("train", "infer", "input")
+KINDS = ("train", "infer", "input", "export")
+# What "all" means: "export" times files written beforehand, so it is asked for by name.
+ALL = ("train", "infer", "input")
 DEVICES = ("auto", "cpu", "gpu")
 NO_GPU = "GPU: no GPU visible (the float32 / mixed precision x XLA x replicas table needs one)"
 
@@ -64,6 +68,9 @@ class Options:
         micro-batches of `batch` images next to "train: ours".
       input_dataset: "", "voc", "cityscapes" or "both" (what=input).
       images: images per timed repeat of the input benchmark (0: its default).
+      exports: what=export: the exports to time (`benchmarks.export.find_exports`).
+      checkpoint: what=export with evaluate: also score TensorFlow in-process.
+      evaluate: what=export: score each fixed-size file on the evaluation split.
     """
 
     experiment: str = ""
@@ -87,6 +94,9 @@ class Options:
     grad_accum: int = 1
     input_dataset: str = ""
     images: int = 0
+    exports: tuple[str, ...] = ()
+    checkpoint: str = ""
+    evaluate: bool = False
 
     def __post_init__(self):
         unknown = [k for k in self.what if k not in KINDS]
@@ -94,18 +104,20 @@ class Options:
             raise ValueError(f"--what={','.join(self.what)}: choose from {', '.join(KINDS)} or all")
         if self.device not in DEVICES:
             raise ValueError(f"--device={self.device}: choose from {', '.join(DEVICES)}")
-        if not self.experiment and self.what != ("input",):
-            raise ValueError("--experiment is required (except for --what=input)")
+        if not self.experiment and set(self.what) - {"input", "export"}:
+            raise ValueError("--experiment is required (except for --what=input,export)")
+        if "export" in self.what and not self.exports:
+            raise ValueError("--what=export needs --exports")
         for name in ("batch", "repeats", "rounds", "replicas", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 1")
 
 
 def parse_what(values: Sequence[str]) -> tuple[str, ...]:
-    """`--what` as a tuple of KINDS: a comma list, "all" meaning every kind (in KINDS' order)."""
+    """`--what` as a tuple of KINDS: a comma list, "all" meaning ALL."""
     kinds = [v.strip() for v in values if v.strip()]
     if "all" in kinds:
-        return KINDS
+        return ALL
     return tuple(dict.fromkeys(kinds))
 
 
@@ -556,7 +568,7 @@ def run_gpu(
 
 
 def run(o: Options, log=print) -> dict[str, list[dict]]:
-    """Runs and prints what `o` asks for; returns {"cpu"/"gpu"/"input": rows}.
+    """Runs and prints what `o` asks for; returns {"cpu"/"gpu"/"input"/"export": rows}.
 
     With device "auto", train and infer run on the GPUs when TensorFlow sees
     one (the GPU table), else on the CPU (the CPU table, then NO_GPU).
@@ -566,7 +578,7 @@ def run(o: Options, log=print) -> dict[str, list[dict]]:
     config = experiments.get(o.experiment) if o.experiment else None
     log(f"{platform.node()} {platform.processor() or platform.machine()}, python {platform.python_version()}")
     out: dict[str, list[dict]] = {}
-    kinds = [k for k in o.what if k != "input"]
+    kinds = [k for k in o.what if k not in ("input", "export")]
     if kinds:
         size = o.size or tuple(config.data.crop_size)
         gpus = 0 if o.device == "cpu" else visible_gpus()
@@ -583,5 +595,9 @@ def run(o: Options, log=print) -> dict[str, list[dict]]:
 
         out["input"] = input_bench.main(
             config, input_dataset=o.input_dataset or None, images=o.images or None, repeats=o.repeats
+        )
+    if "export" in o.what:
+        out["export"] = export_bench.main(
+            o.exports, o.checkpoint, o.repeats, o.warmup, o.threads, o.evaluate, log=log
         )
     return out

@@ -3,12 +3,12 @@
 A `Predictor` runs the export's `serving_default` function, either loaded
 from a SavedModel (`Predictor.load`) or built in-process from a checkpoint
 (`Predictor.from_checkpoint`, the same `SegmentationServer` graph that
-`export` saves), so both paths go through the same decoding, checks,
-resizing and normalization a TF Serving client gets. `Predictor.load` also
-takes a fixed-size LiteRT (.tflite) or ONNX (.onnx) export
-(`fcn_tf.export_fixed`), run in its own runtime: images are decoded and
-checked as the SavedModel does, resized to the model's size and the logits
-back to the image's (`export_fixed.logits_at_image_size`).
+`fcn_tf.export.saved_model.export` saves), so both paths go through the
+same decoding, checks, resizing and normalization a TF Serving client gets.
+`Predictor.load` also takes a fixed-size LiteRT (.tflite) or ONNX (.onnx)
+export (`fcn_tf.export.fixed_size`), run in its own runtime: images are
+decoded and checked as the SavedModel does, resized to the model's size and
+the logits back to the image's (`fcn_tf.export.logits_at_image_size`).
 
 `predict_files` writes, per input `NAME.ext`:
 - `NAME_labels.png`: the label map coloured with the class palette;
@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from fcn_tf import export_lib, visualize
+from fcn_tf import export, visualize
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 FIXED_SIZE_EXTENSIONS = (".tflite", ".onnx")
@@ -51,7 +51,7 @@ class Predictor:
     owner: object = None
 
     @classmethod
-    def load(cls, export_dir: str, max_pixels: int = export_lib.DEFAULT_MAX_PIXELS) -> Predictor:
+    def load(cls, export_dir: str, max_pixels: int = export.DEFAULT_MAX_PIXELS) -> Predictor:
         """From an export: a version directory, `BASE/NAME` (its latest version), or a .tflite / .onnx file.
 
         Args:
@@ -61,31 +61,29 @@ class Predictor:
         """
         if os.path.splitext(export_dir)[1].lower() in FIXED_SIZE_EXTENSIONS:
             return cls._load_fixed(export_dir, max_pixels)
-        saved_model_dir = export_lib.resolve_version_dir(export_dir)
+        saved_model_dir = export.resolve_version_dir(export_dir)
         loaded = tf.saved_model.load(saved_model_dir)
-        signature = loaded.signatures[export_lib.SERVING_DEFAULT]
-        names, palette = export_lib.read_class_info(saved_model_dir)
+        signature = loaded.signatures[export.SERVING_DEFAULT]
+        names, palette = export.read_class_info(saved_model_dir)
         return cls(lambda images: signature(images=images), names, palette, owner=loaded)
 
     @classmethod
     def _load_fixed(cls, path: str, max_pixels: int) -> Predictor:
-        from fcn_tf import export_fixed
-
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no export file {path}")
-        runner = export_fixed.load_runner(path)
-        names, palette = export_lib.read_class_info(os.path.dirname(os.path.abspath(path)))
+        runner = export.load_runner(path)
+        names, palette = export.read_class_info(os.path.dirname(os.path.abspath(path)))
 
         def serve(images):
             outputs = {"labels": [], "confidence": [], "heights": [], "widths": []}
             for index, contents in enumerate(images):
-                image = export_lib.decode(contents, tf.constant(index), max_pixels)
-                probabilities = tf.nn.softmax(export_fixed.logits_at_image_size(runner, image), axis=-1)
+                image = export.decode(contents, tf.constant(index), max_pixels)
+                probabilities = tf.nn.softmax(export.logits_at_image_size(runner, image), axis=-1)
                 outputs["labels"].append(tf.argmax(probabilities, -1, output_type=tf.int32))
                 outputs["confidence"].append(tf.reduce_max(probabilities, -1))
                 outputs["heights"].append(tf.shape(image)[0])
                 outputs["widths"].append(tf.shape(image)[1])
-            pad = {"labels": export_lib.LABEL_PAD, "confidence": 0.0}
+            pad = {"labels": export.LABEL_PAD, "confidence": 0.0}
             return {
                 key: tf.ragged.stack(value).to_tensor(default_value=pad[key])
                 if key in pad
@@ -96,7 +94,7 @@ class Predictor:
         return cls(serve, names, palette, owner=runner)
 
     @classmethod
-    def from_checkpoint(cls, config, checkpoint: str, max_pixels: int = export_lib.DEFAULT_MAX_PIXELS):
+    def from_checkpoint(cls, config, checkpoint: str, max_pixels: int = export.DEFAULT_MAX_PIXELS):
         """Builds the model of `config`, restores `checkpoint` and serves it in-process.
 
         Args:
@@ -105,17 +103,16 @@ class Predictor:
             `fcn_tf.checkpoints.resolve`).
           max_pixels: largest height * width accepted.
         """
-        from fcn_tf.checkpoints import restore_model
-        from fcn_tf.models import build_fcn
-
-        model = build_fcn(config.model, sync_bn=False)
-        restore_model(model, checkpoint)
-        server = export_lib.SegmentationServer(config, model, max_pixels=max_pixels)
-        names, palette = export_lib.class_info(config)
+        model, _ = export.restored_model(config, checkpoint)
+        server = export.SegmentationServer(config, model, max_pixels=max_pixels)
+        names, palette = export.class_info(config)
         return cls(server.serve, names, palette, owner=server)
 
     def segment(self, contents: bytes) -> tuple[np.ndarray, np.ndarray]:
         """Segments one encoded image.
+
+        Args:
+          contents: the file's bytes (JPEG, PNG, GIF, BMP or WebP).
 
         Returns:
           (labels int32 (H, W), confidence float32 (H, W)) at the image's size.
@@ -129,7 +126,11 @@ class Predictor:
 
 
 def error_reason(error: Exception) -> str:
-    """A one-line reason from a TensorFlow error (the assertion text when there is one)."""
+    """A one-line reason from a TensorFlow error (the assertion text when there is one).
+
+    Args:
+      error: what segmenting a file raised.
+    """
     message = getattr(error, "message", None) or str(error)
     found = re.search(r"assertion failed: \[(.*)\]", message)
     if found:
@@ -144,6 +145,9 @@ def error_reason(error: Exception) -> str:
 
 def list_images(path: str) -> list[str]:
     """The image files to process: `path` itself, or the image files in a directory (sorted).
+
+    Args:
+      path: an image file or a directory.
 
     Raises:
       FileNotFoundError: `path` does not exist.
@@ -222,7 +226,11 @@ def predict_files(
 
 
 def summary(results: Sequence[FileResult]) -> str:
-    """One line: how many files were segmented and how many failed."""
+    """One line: how many files were segmented and how many failed.
+
+    Args:
+      results: from `predict_files`.
+    """
     failed = [r for r in results if r.error is not None]
     line = f"{len(results) - len(failed)} of {len(results)} images segmented, {len(failed)} failed"
     if failed:

@@ -16,7 +16,10 @@ inference of a 1024x2048 image. With a GPU visible (or --device=gpu),
 train and infer print the GPU table instead: images/s and peak device
 memory for float32 and mixed_float16, with and without XLA, on 1, 2, 4, ...
 GPUs; without one, "no GPU visible". --compare=torchvision needs the bench
-extra (`pip install .[bench]`). The code is in benchmarks/ (not installed).
+extra (`pip install .[bench]`). --what=export times exports written by
+scripts/export.py side by side in their runtimes (--exports; with --evaluate
+their mIoU, see benchmarks/export.py). The code is in benchmarks/ (not
+installed).
 """
 
 import os
@@ -29,7 +32,9 @@ from absl import app, flags
 from benchmarks import suite
 
 _EXPERIMENT = flags.DEFINE_string("experiment", None, "Registered experiment name.")
-_WHAT = flags.DEFINE_list("what", ["all"], "What to measure: a comma list of train, infer, input, or all.")
+_WHAT = flags.DEFINE_list(
+    "what", ["all"], "What to measure: a comma list of train, infer, input, export, or all (all but export)."
+)
 _BATCH = flags.DEFINE_integer("batch", 2, "Images per step (model benchmarks; per GPU on GPUs).")
 _SIZE = flags.DEFINE_string("size", "", "Input HxW, e.g. 512x512 (default: the experiment's crop size).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (the median is printed).")
@@ -77,6 +82,15 @@ _INPUT_DATASET = flags.DEFINE_enum(
 _IMAGES = flags.DEFINE_integer(
     "images", 0, "--what=input: images per timed repeat (0: 192 VOC, 32 Cityscapes)."
 )
+_EXPORTS = flags.DEFINE_list(
+    "exports", [], "--what=export: SavedModel directories, .tflite / .onnx files or directories of them."
+)
+_EVALUATE = flags.DEFINE_bool(
+    "evaluate", False, "--what=export: mIoU of each LiteRT/ONNX file on the evaluation split."
+)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "", "--what=export with --evaluate: also score TensorFlow in-process from this checkpoint."
+)
 
 
 def main(argv):
@@ -104,6 +118,9 @@ def main(argv):
             grad_accum=_GRAD_ACCUM.value,
             input_dataset=_INPUT_DATASET.value,
             images=_IMAGES.value,
+            exports=tuple(_EXPORTS.value),
+            checkpoint=_CHECKPOINT.value,
+            evaluate=_EVALUATE.value,
         )
     except ValueError as error:
         sys.exit(f"error: {error}")

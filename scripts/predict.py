@@ -19,49 +19,50 @@ prefer_onednn()  # before TensorFlow is imported
 from absl import app, flags
 
 import experiments
-from fcn_tf import export_lib, predict_lib
+from fcn_tf import export, predict_lib
 from fcn_tf.config import ConfigError
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string(
+_EXPORT_DIR = flags.DEFINE_string(
     "export_dir",
     None,
     "Export: a SavedModel version directory, BASE/NAME (latest), or a .tflite / .onnx file.",
 )
-flags.DEFINE_string("experiment", None, "Registered experiment name (with --checkpoint).")
-flags.DEFINE_string("checkpoint", None, "Checkpoint prefix, workdir or .weights.h5 (with --experiment).")
-flags.DEFINE_multi_string("override", [], "Config overrides key=value (with --experiment).")
-flags.DEFINE_string("input", None, "An image file or a directory of images.", required=True)
-flags.DEFINE_string("output", None, "Directory for the PNGs.", required=True)
-flags.DEFINE_float("alpha", 0.5, "Weight of the label colours in the overlay.")
-flags.DEFINE_integer(
+_EXPERIMENT = flags.DEFINE_string("experiment", None, "Registered experiment name (with --checkpoint).")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Checkpoint prefix, workdir or .weights.h5 (with --experiment)."
+)
+_OVERRIDE = flags.DEFINE_multi_string("override", [], "Config overrides key=value (with --experiment).")
+_INPUT = flags.DEFINE_string("input", None, "An image file or a directory of images.", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Directory for the PNGs.", required=True)
+_ALPHA = flags.DEFINE_float("alpha", 0.5, "Weight of the label colours in the overlay.")
+_MAX_PIXELS = flags.DEFINE_integer(
     "max_pixels",
-    export_lib.DEFAULT_MAX_PIXELS,
+    export.DEFAULT_MAX_PIXELS,
     "Largest height*width (with --checkpoint or a .tflite / .onnx file).",
 )
 
 
 def main(argv):
     del argv
-    if bool(FLAGS.export_dir) == bool(FLAGS.checkpoint):
+    if bool(_EXPORT_DIR.value) == bool(_CHECKPOINT.value):
         raise app.UsageError("give either --export_dir, or --experiment with --checkpoint")
-    if FLAGS.export_dir:
-        runtime = {".tflite": "litert", ".onnx": "onnx"}.get(os.path.splitext(FLAGS.export_dir)[1].lower())
-        missing = export_lib.missing_requirements([runtime]) if runtime else None
+    if _EXPORT_DIR.value:
+        runtime = {".tflite": "litert", ".onnx": "onnx"}.get(os.path.splitext(_EXPORT_DIR.value)[1].lower())
+        missing = export.missing_requirements([runtime]) if runtime else None
         if missing:
             sys.exit(f"predict.py: {missing}")
-        predictor = predict_lib.Predictor.load(FLAGS.export_dir, FLAGS.max_pixels)
+        predictor = predict_lib.Predictor.load(_EXPORT_DIR.value, _MAX_PIXELS.value)
     else:
-        if not FLAGS.experiment:
+        if not _EXPERIMENT.value:
             raise app.UsageError("--checkpoint needs --experiment")
-        workdir = FLAGS.checkpoint if os.path.isdir(FLAGS.checkpoint) else None
+        workdir = _CHECKPOINT.value if os.path.isdir(_CHECKPOINT.value) else None
         try:
-            config = experiments.resolve(FLAGS.experiment, workdir, FLAGS.override)
+            config = experiments.resolve(_EXPERIMENT.value, workdir, _OVERRIDE.value)
         except ConfigError as e:
             sys.exit(f"error: {e}")
-        predictor = predict_lib.Predictor.from_checkpoint(config, FLAGS.checkpoint, FLAGS.max_pixels)
-    paths = predict_lib.list_images(FLAGS.input)
-    results = predict_lib.predict_files(predictor, paths, FLAGS.output, alpha=FLAGS.alpha)
+        predictor = predict_lib.Predictor.from_checkpoint(config, _CHECKPOINT.value, _MAX_PIXELS.value)
+    paths = predict_lib.list_images(_INPUT.value)
+    results = predict_lib.predict_files(predictor, paths, _OUTPUT.value, alpha=_ALPHA.value)
     print(predict_lib.summary(results))
     if not paths or any(r.error for r in results):
         sys.exit(1)

@@ -97,7 +97,7 @@ KNOWN_LONG = {
     "fcn_tf.checkpoints.newest_readable",
     "fcn_tf.train_lib.train",
 }
-KNOWN_CYCLES = [["fcn_tf.export_fixed", "fcn_tf.export_litert", "fcn_tf.export_onnx"]]
+KNOWN_CYCLES = []
 
 
 def _module_path(name: str) -> str:

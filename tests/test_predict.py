@@ -11,12 +11,14 @@ import pytest
 import tensorflow as tf
 
 import experiments
-from fcn_tf import export_lib, predict_lib, visualize
+from fcn_tf import predict_lib, visualize
 from fcn_tf.config import override
+from fcn_tf.export import saved_model
 from fcn_tf.models import build_fcn
+from harness import runs
 
 MAX_PIXELS = 64 * 64
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = runs.REPO
 OVERRIDES = ("model.head_channels=16", "model.aux_channels=8", "data.eval_target=32,24")
 
 
@@ -37,7 +39,7 @@ def setup(tmp_path_factory):
     weights = str(root / "model.weights.h5")
     model.save_weights(weights)
     base = str(root / "export" / "fcn")
-    export_lib.export(config, model, base, max_pixels=MAX_PIXELS)
+    saved_model.export(config, model, base, max_pixels=MAX_PIXELS)
     inputs = root / "inputs"
     inputs.mkdir()
     (inputs / "photo.jpg").write_bytes(tf.io.encode_jpeg(random_image(0, 40, 56)).numpy())
@@ -148,7 +150,7 @@ def test_predict_script_reports_bad_files_and_exit_code(setup, tmp_path):
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        env=runs.subprocess_env(TF_CPP_MIN_LOG_LEVEL="3"),  # this checkout's fcn_tf, not an installed one
     )
     assert run.returncode == 1, run.stderr
     lines = run.stdout.splitlines()
@@ -175,7 +177,7 @@ def test_predict_script_single_good_file_from_checkpoint(setup, tmp_path):
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        env=runs.subprocess_env(TF_CPP_MIN_LOG_LEVEL="3"),  # this checkout's fcn_tf, not an installed one
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[-1] == "1 of 1 images segmented, 0 failed"

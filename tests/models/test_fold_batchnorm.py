@@ -3,11 +3,17 @@
 import keras
 import numpy as np
 import tensorflow as tf
-from test_export import MAX_PIXELS, assert_logits_close, random_image, reference_logits, tiny_config
 
-from fcn_tf import export_lib
+from fcn_tf.export import logits_model, saved_model
 from fcn_tf.models import build_fcn
 from fcn_tf.models.fold_batchnorm import all_layers, conv_bn_pairs, fold_batchnorm
+from tests.export.test_saved_model import (
+    MAX_PIXELS,
+    assert_logits_close,
+    random_image,
+    reference_logits,
+    tiny_config,
+)
 
 
 def trained_looking(model, seed=0):
@@ -31,7 +37,7 @@ def test_fold_batchnorm_keeps_outputs():
     config = tiny_config()
     keras.utils.set_random_seed(1)
     model = trained_looking(build_fcn(config.model, sync_bn=False))
-    plain = export_lib.logits_model(model)
+    plain = logits_model(model)
     folded = fold_batchnorm(plain)
     n_bn = sum(isinstance(layer, keras.layers.BatchNormalization) for layer in all_layers(plain))
     assert n_bn == len(conv_bn_pairs(plain)) > 0
@@ -42,7 +48,7 @@ def test_fold_batchnorm_keeps_outputs():
     assert_logits_close(actual, expected)
     np.testing.assert_array_equal(actual.argmax(-1), expected.argmax(-1))
     # The serving graph takes the folded model as it is.
-    server = export_lib.SegmentationServer(config, folded, max_pixels=MAX_PIXELS)
+    server = saved_model.SegmentationServer(config, folded, max_pixels=MAX_PIXELS)
     image = random_image(14, 40, 56)
     out = server.predict_images_with_logits(tf.constant(image[np.newaxis]))
     assert_logits_close(out["logits"][0].numpy(), reference_logits(model, config, image))

@@ -14,9 +14,10 @@ import pytest
 import tensorflow as tf
 
 import experiments
-from fcn_tf import export_lib
 from fcn_tf.config import override
+from fcn_tf.export import common, saved_model
 from fcn_tf.models import build_fcn
+from harness import runs
 
 MAX_PIXELS = 64 * 64
 NAME = "fcn"
@@ -68,7 +69,7 @@ def bmp(image):
 
 
 def reference_logits(model, config, image):
-    """The in-process model with the eval recipe written out independently of export_lib."""
+    """The in-process model with the eval recipe written out independently of fcn_tf.export."""
     h, w = image.shape[:2]
     target = config.data.eval_target
     scale = min(max(target) / max(h, w), min(target) / min(h, w))
@@ -90,7 +91,7 @@ def exported(tmp_path_factory):
     keras.utils.set_random_seed(0)
     model = build_fcn(config.model, sync_bn=False)
     base = str(tmp_path_factory.mktemp("export") / NAME)
-    path = export_lib.export(config, model, base, max_pixels=MAX_PIXELS)
+    path = saved_model.export(config, model, base, max_pixels=MAX_PIXELS)
     return config, model, base, path
 
 
@@ -105,21 +106,21 @@ def test_layout_assets_and_versions(exported):
     assert sorted(os.listdir(base)) == ["1"]  # the staging directory is gone
     for name in ("saved_model.pb", "variables", "assets", "assets.extra/tf_serving_warmup_requests"):
         assert os.path.exists(os.path.join(path, name)), name
-    names, palette = export_lib.read_class_info(path)
+    names, palette = common.read_class_info(path)
     assert names == ["background", "disc", "square", "triangle", "ring"]
     assert palette.shape == (5, 3) and palette.dtype == np.uint8
-    assert export_lib.read_config(path) == config
-    assert export_lib.resolve_version_dir(base) == path
-    assert export_lib.next_version(base) == 2
+    assert common.read_config(path) == config
+    assert saved_model.resolve_version_dir(base) == path
+    assert saved_model.next_version(base) == 2
     with pytest.raises(FileExistsError, match="already exists"):
-        export_lib.export(config, model, base, version=1)
+        saved_model.export(config, model, base, version=1)
 
 
 def test_next_version_ignores_non_integer_entries(tmp_path):
     for name in ("3", "10", ".tmp-11-abc", "notes"):
         (tmp_path / name).mkdir()
-    assert export_lib.next_version(str(tmp_path)) == 11
-    assert export_lib.next_version(str(tmp_path / "missing")) == 1
+    assert saved_model.next_version(str(tmp_path)) == 11
+    assert saved_model.next_version(str(tmp_path / "missing")) == 1
 
 
 def test_saved_model_cli_lists_signatures(exported):
@@ -145,7 +146,7 @@ def test_saved_model_cli_lists_signatures(exported):
             r"(inputs|outputs)\['(\w+)'\] tensor_info:\s+dtype: (\w+)\s+shape: ([^\n]+)", body
         )
         signatures[name] = {(section, key): (dtype, shape) for section, key, dtype, shape in entries}
-    assert set(export_lib.SIGNATURES) <= set(signatures), out
+    assert set(saved_model.SIGNATURES) <= set(signatures), out
 
     def tensors(name, section):
         return {key: v for (sec, key), v in signatures[name].items() if sec == section}
@@ -249,7 +250,7 @@ def test_fresh_process_matches_in_process_model(exported, tmp_path):
     assert out["predict_images_labels"].dtype == np.int32
 
     # Warm-up: one record per signature, replayed through the loaded model.
-    assert sorted(out["replayed"]) == sorted(f"{NAME}/{s}" for s in export_lib.SIGNATURES)
+    assert sorted(out["replayed"]) == sorted(f"{NAME}/{s}" for s in saved_model.SIGNATURES)
     assert out["warmup_serving_default"].shape == (1, 24, 32)
     np.testing.assert_array_equal(out["warmup_predict_images"], out["warmup_predict_images_with_logits"])
 
@@ -313,12 +314,33 @@ def test_empty_batch(loaded):
     assert out["labels"].shape[0] == 0 and out["heights"].shape == (0,)
 
 
-def test_class_info_validates_overrides():
-    config = tiny_config()
-    with pytest.raises(ValueError, match="3 class names"):
-        export_lib.class_info(config, class_names=["a", "b", "c"])
-    with pytest.raises(ValueError, match="palette"):
-        export_lib.class_info(config, palette=np.zeros((5, 4)))
+def script_error_lines(stderr: str) -> list[str]:
+    """A script's stderr without TensorFlow's start-up log lines."""
+    lines = [line for line in stderr.splitlines() if line.strip() and "absl::InitializeLog" not in line]
+    return [line for line in lines if not line.startswith(("I0000", "W0000", "E0000", "To enable"))]
+
+
+def test_export_script_refuses_an_existing_version_in_one_line(tmp_path):
+    (tmp_path / NAME / "3").mkdir(parents=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(runs.REPO, "scripts", "export.py"),
+            "--experiment=synthetic_r18_os8",
+            f"--checkpoint={tmp_path / 'no-such-checkpoint'}",  # never read: the version is checked first
+            f"--export_dir={tmp_path / NAME}",
+            "--version=3",
+        ],
+        capture_output=True,
+        text=True,
+        env=runs.subprocess_env(),
+        timeout=300,
+    )
+    assert run.returncode == 1
+    assert script_error_lines(run.stderr) == [
+        f"export.py: export version already exists, not overwriting: {tmp_path / NAME / '3'}"
+    ], run.stderr
+    assert os.listdir(tmp_path / NAME) == ["3"]
 
 
 @pytest.mark.slow  # a fresh interpreter builds, restores and exports: ~45 s on 2 shared cores
@@ -330,11 +352,10 @@ def test_export_script_from_workdir(exported, tmp_path):
     workdir = tmp_path / "workdir"
     tf.train.Checkpoint(model=model).save(os.path.join(checkpoint_dir(str(workdir)), "ckpt"))
     (workdir / "config.json").write_text(to_json(config))
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run(
         [
             sys.executable,
-            os.path.join(repo, "scripts", "export.py"),
+            os.path.join(runs.REPO, "scripts", "export.py"),
             "--experiment=synthetic_r18_os8",
             f"--workdir={workdir}",
             f"--export_dir={tmp_path / NAME}",
@@ -342,13 +363,13 @@ def test_export_script_from_workdir(exported, tmp_path):
         ],
         capture_output=True,
         text=True,
-        cwd=repo,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        cwd=runs.REPO,
+        env=runs.subprocess_env(TF_CPP_MIN_LOG_LEVEL="3"),  # this checkout's fcn_tf, not an installed one
     )
     assert run.returncode == 0, run.stderr
     version_1 = str(tmp_path / NAME / "1")
     assert run.stdout.strip().endswith(f"to {version_1}")
-    assert export_lib.read_config(version_1) == config  # from WORKDIR/config.json
+    assert common.read_config(version_1) == config  # from WORKDIR/config.json
     image = tf.constant(random_image(13, 20, 28)[np.newaxis])
     ours = tf.saved_model.load(version_1).signatures["predict_images_with_logits"](images=image)
     theirs = tf.saved_model.load(path).signatures["predict_images_with_logits"](images=image)

@@ -9,21 +9,22 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_export import png, random_image
 
 import experiments
-from fcn_tf import export_fixed, export_lib, predict_lib
+from fcn_tf import predict_lib
 from fcn_tf.config import override
+from fcn_tf.export import common, fixed_size
 from fcn_tf.models import build_fcn
 from harness import runs
 from harness.tiny import tiny_segmenter
+from tests.export.test_saved_model import png, random_image, script_error_lines
 
 ALL_VARIANTS = [("litert", "float32"), ("litert", "float16"), ("litert", "int8"), ("onnx", "float32")]
 FLOAT32 = [("litert", "float32"), ("onnx", "float32")]
 
 
 def keras_logits(model, config, images):
-    """The Keras model on normalized images, written out independently of export_fixed."""
+    """The Keras model on normalized images, written out independently of fcn_tf.export."""
     x = (images.astype(np.float32) - np.array(config.data.mean, np.float32)) / np.array(
         config.data.std, np.float32
     )
@@ -35,7 +36,7 @@ def relative_error(actual, expected):
 
 
 def export_all(config, model, directory, **kwargs):
-    return export_fixed.export(config, model, str(directory), variants=ALL_VARIANTS, log=print, **kwargs)
+    return fixed_size.export(config, model, str(directory), variants=ALL_VARIANTS, log=print, **kwargs)
 
 
 def tiny_config():
@@ -72,7 +73,7 @@ def check_against_keras(config, model, results, size, min_quantized_agreement):
     expected = keras_logits(model, config, images)
     figures = {}
     for key, (path, _) in results.items():
-        outputs = export_fixed.load_runner(path)(images)
+        outputs = fixed_size.load_runner(path)(images)
         assert outputs["logits"].shape == expected.shape and outputs["labels"].dtype == np.int32
         rel = relative_error(outputs["logits"], expected)
         agreement = float(np.mean(outputs["labels"] == expected.argmax(-1)))
@@ -89,7 +90,7 @@ def check_against_keras(config, model, results, size, min_quantized_agreement):
 @pytest.mark.slow  # four conversions of FCN-R18-D8: about a minute
 def test_demo_model_in_each_runtime_matches_keras(demo):
     config, model, directory, results = demo
-    assert export_fixed.default_size(config) == (96, 128)  # the demo images' size
+    assert fixed_size.default_size(config) == (96, 128)  # the demo images' size
     assert sorted(os.listdir(directory)) == [
         "assets",
         "model.onnx",
@@ -97,9 +98,9 @@ def test_demo_model_in_each_runtime_matches_keras(demo):
         "model_float16.tflite",
         "model_int8.tflite",
     ]
-    names, palette = export_lib.read_class_info(str(directory))
+    names, palette = common.read_class_info(str(directory))
     assert names == ["background", "disc", "square", "triangle", "ring"] and palette.shape == (5, 3)
-    assert export_lib.read_config(str(directory)) == config
+    assert common.read_config(str(directory)) == config
     sizes = {key: os.path.getsize(path) for key, (path, _) in results.items()}
     assert sizes[("litert", "float16")] < 0.6 * sizes[("litert", "float32")]
     assert sizes[("litert", "int8")] < 0.35 * sizes[("litert", "float32")]
@@ -110,13 +111,13 @@ def test_float_input_and_batch(tmp_path):
     config = tiny_config()
     keras.utils.set_random_seed(2)
     model = tiny_segmenter(sync_bn=False)
-    results = export_fixed.export(
+    results = fixed_size.export(
         config, model, str(tmp_path), variants=FLOAT32, size=(40, 56), batch_size=2, input_dtype="float32"
     )
     images = np.stack([random_image(seed, 40, 56) for seed in (22, 23)]).astype(np.float32)
     expected = keras_logits(model, config, images)
     for path, _ in results.values():
-        runner = export_fixed.load_runner(path)
+        runner = fixed_size.load_runner(path)
         assert runner.input_shape == (2, 40, 56, 3) and runner.input_dtype == np.float32
         outputs = runner(images)
         assert relative_error(outputs["logits"], expected) <= 1e-4
@@ -136,14 +137,12 @@ def corrupt_weights(data: bytes, model) -> bytes:
 
 def test_corrupted_export_is_refused_with_its_figure(tiny, tmp_path):
     config, model, directory, results = tiny
-    module = export_fixed.FixedSizeModel(config, model, (48, 64))
-    images = export_fixed.check_images(module.input_spec)
-    expected = export_fixed.TensorFlowRunner(module)(images)
+    module = fixed_size.FixedSizeModel(config, model, (48, 64))
+    images = fixed_size.check_images(module.input_spec)
+    expected = fixed_size.TensorFlowRunner(module)(images)
     good = results[("litert", "float32")][0]
     assert (
-        export_fixed.verify(
-            good, export_fixed.VARIANTS["litert", "float32"], images, expected
-        ).logits_rel_error
+        fixed_size.verify(good, fixed_size.VARIANTS["litert", "float32"], images, expected).logits_rel_error
         < 1e-4
     )
 
@@ -151,61 +150,61 @@ def test_corrupted_export_is_refused_with_its_figure(tiny, tmp_path):
     corrupted = tmp_path / "model.tflite"
     corrupted.write_bytes(corrupt_weights(open(good, "rb").read(), model))
     with pytest.raises(
-        export_fixed.ExportCheckError, match=r"model.tflite: litert float32 output differs .*logits error"
+        fixed_size.ExportCheckError, match=r"model.tflite: litert float32 output differs .*logits error"
     ):
-        export_fixed.verify(str(corrupted), export_fixed.VARIANTS["litert", "float32"], images, expected)
+        fixed_size.verify(str(corrupted), fixed_size.VARIANTS["litert", "float32"], images, expected)
 
     # A truncated ONNX file cannot even be loaded.
     onnx_bytes = open(results[("onnx", "float32")][0], "rb").read()
     truncated = tmp_path / "model.onnx"
     truncated.write_bytes(onnx_bytes[: len(onnx_bytes) // 3])
-    with pytest.raises(export_fixed.ExportCheckError, match=r"model.onnx: onnx cannot run it"):
-        export_fixed.verify(str(truncated), export_fixed.VARIANTS["onnx", "float32"], images, expected)
+    with pytest.raises(fixed_size.ExportCheckError, match=r"model.onnx: onnx cannot run it"):
+        fixed_size.verify(str(truncated), fixed_size.VARIANTS["onnx", "float32"], images, expected)
 
 
 def test_mismatched_export_is_refused_with_its_figure(tiny):
     config, model, directory, results = tiny
     keras.utils.set_random_seed(5)
     other = tiny_segmenter(sync_bn=False)  # same architecture, other weights
-    module = export_fixed.FixedSizeModel(config, other, (48, 64))
-    images = export_fixed.check_images(module.input_spec)
-    expected = export_fixed.TensorFlowRunner(module)(images)
+    module = fixed_size.FixedSizeModel(config, other, (48, 64))
+    images = fixed_size.check_images(module.input_spec)
+    expected = fixed_size.TensorFlowRunner(module)(images)
     for key in FLOAT32:
         with pytest.raises(
-            export_fixed.ExportCheckError, match=r"logits error \d\.\d\de[-+]\d\d relative > 1e-04"
+            fixed_size.ExportCheckError, match=r"logits error \d\.\d\de[-+]\d\d relative > 1e-04"
         ) as e:
-            export_fixed.verify(results[key][0], export_fixed.VARIANTS[key], images, expected)
+            fixed_size.verify(results[key][0], fixed_size.VARIANTS[key], images, expected)
         print(e.value)
     # Another size: refused on the shape.
-    small = export_fixed.FixedSizeModel(config, model, (24, 32))
-    images = export_fixed.check_images(small.input_spec)
-    with pytest.raises(export_fixed.ExportCheckError, match=r"cannot run it: .*takes uint8 \(1, 48, 64, 3\)"):
-        export_fixed.verify(
+    small = fixed_size.FixedSizeModel(config, model, (24, 32))
+    images = fixed_size.check_images(small.input_spec)
+    with pytest.raises(fixed_size.ExportCheckError, match=r"cannot run it: .*takes uint8 \(1, 48, 64, 3\)"):
+        fixed_size.verify(
             results["onnx", "float32"][0],
-            export_fixed.VARIANTS["onnx", "float32"],
+            fixed_size.VARIANTS["onnx", "float32"],
             images,
-            export_fixed.TensorFlowRunner(small)(images),
+            fixed_size.TensorFlowRunner(small)(images),
         )
 
 
 def test_a_failed_check_keeps_no_file_and_existing_files_are_not_overwritten(tiny, tmp_path, monkeypatch):
     config, model, directory, results = tiny
     with pytest.raises(FileExistsError, match="model.tflite"):
-        export_fixed.export(config, model, str(directory), variants=[("litert", "float32")])
-    real = export_fixed._convert
+        fixed_size.export(config, model, str(directory), variants=[("litert", "float32")])
+    real = fixed_size._convert
 
     def broken(module, variant):
         return corrupt_weights(real(module, variant), model)
 
-    monkeypatch.setattr(export_fixed, "_convert", broken)
-    with pytest.raises(export_fixed.ExportCheckError, match=r"model.tflite: litert float32 output differs"):
-        export_fixed.export(config, model, str(tmp_path), variants=[("litert", "float32")], size=(48, 64))
+    monkeypatch.setattr(fixed_size, "_convert", broken)
+    with pytest.raises(fixed_size.ExportCheckError, match=r"model.tflite: litert float32 output differs"):
+        fixed_size.export(config, model, str(tmp_path), variants=[("litert", "float32")], size=(48, 64))
     assert sorted(os.listdir(tmp_path)) == ["assets"]
 
 
 def test_predictor_runs_fixed_size_files(tiny, tmp_path):
     config, model, directory, results = tiny
-    reference = export_fixed.TensorFlowRunner(export_fixed.FixedSizeModel(config, model, (48, 64)))
+    reference = fixed_size.TensorFlowRunner(fixed_size.FixedSizeModel(config, model, (48, 64)))
     photo = random_image(24, 48, 64)  # the model's size
     other = random_image(25, 60, 70)  # resized to it and back
     for key in FLOAT32:
@@ -213,7 +212,7 @@ def test_predictor_runs_fixed_size_files(tiny, tmp_path):
         assert predictor.class_names == ["class_0", "class_1", "class_2"]  # from the export's assets
         for image in (photo, other):
             labels, confidence = predictor.segment(png(image))
-            expected = export_fixed.logits_at_image_size(reference, image).numpy()
+            expected = fixed_size.logits_at_image_size(reference, image).numpy()
             assert labels.shape == image.shape[:2]
             assert np.mean(labels == expected.argmax(-1)) >= 0.9999
             np.testing.assert_allclose(
@@ -227,8 +226,8 @@ def test_predictor_runs_fixed_size_files(tiny, tmp_path):
 
 def test_default_size_follows_the_evaluation_mode():
     config = experiments.get("ade20k_r50_os8")
-    assert export_fixed.default_size(config) == (512, 2048)
-    assert export_fixed.default_size(override(config, "eval.mode=slide")) == (512, 512)
+    assert fixed_size.default_size(config) == (512, 2048)
+    assert fixed_size.default_size(override(config, "eval.mode=slide")) == (512, 512)
 
 
 def test_missing_runtime_is_one_line_before_any_work(tmp_path):
@@ -262,9 +261,7 @@ def test_missing_runtime_is_one_line_before_any_work(tmp_path):
         timeout=300,
     )
     assert run.returncode == 1
-    lines = [line for line in run.stderr.splitlines() if line.strip() and "absl::InitializeLog" not in line]
-    lines = [line for line in lines if not line.startswith(("I0000", "W0000", "E0000", "To enable"))]
-    assert lines == [
+    assert script_error_lines(run.stderr) == [
         "export.py: the litert/onnx export needs ai-edge-litert (pip install -e '.[litert]'), which is not installed"
     ], run.stderr
     assert not (tmp_path / "out").exists()

@@ -11,16 +11,19 @@ import os
 
 import numpy as np
 
+from fcn_tf.export import common
+
 # Supported by tf2onnx 1.17 and onnxruntime 1.32.
 OPSET = 17
 
 
 def convert(module) -> bytes:
-    """The .onnx bytes of `module.serve` (a `fcn_tf.export_fixed.FixedSizeModel`).
+    """The .onnx bytes of `module.serve` (a `fcn_tf.export.fixed_size.FixedSizeModel`).
 
     Args:
       module: the fixed-size module.
     """
+    # An optional package: imported only when an ONNX file is written.
     import tf2onnx
 
     proto, _ = tf2onnx.convert.from_function(
@@ -29,7 +32,7 @@ def convert(module) -> bytes:
     return proto.SerializeToString()
 
 
-class Runner:
+class Runner(common.Runner):
     """Runs a .onnx file in ONNX Runtime (CPU): `runner(images) -> {"logits", "labels"}`.
 
     Args:
@@ -38,6 +41,7 @@ class Runner:
     """
 
     def __init__(self, path: str, num_threads: int | None = None):
+        # An optional package: imported only when an ONNX file is run.
         import onnxruntime
 
         self.path = path
@@ -53,9 +57,6 @@ class Runner:
         if sorted(name.split(":")[0] for name in self._outputs) != ["labels", "logits"]:
             raise ValueError(f"{path}: outputs {self._outputs}, expected labels and logits")
 
-    def __call__(self, images) -> dict:
-        from fcn_tf.export_fixed import checked_input
-
-        images = checked_input(self, images)
+    def _run(self, images: np.ndarray) -> dict:
         values = self._session.run(self._outputs, {self._input_name: images})
         return {name.split(":")[0]: value for name, value in zip(self._outputs, values)}

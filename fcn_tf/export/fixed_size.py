@@ -7,7 +7,7 @@ export, uint8 or float32 on the 0..255 scale. Inside: normalization with
 The size defaults to the one evaluation runs the network at (`default_size`).
 
 An export directory holds the model files and, as a SavedModel does, its
-class names, palette and config in `assets/` (`export_lib.write_assets`):
+class names, palette and config in `assets/` (`common.write_assets`):
 
     DIR/model.tflite, DIR/model_float16.tflite, DIR/model_int8.tflite, DIR/model.onnx
     DIR/assets/labels.txt, palette.txt, experiment.json
@@ -21,24 +21,33 @@ variant is checked on label agreement only (its own threshold in
 `VARIANTS`), its logits error being reported. A file that fails is removed
 and `ExportCheckError` gives the figures; one that passes is renamed into
 place. An existing file is never overwritten.
+
+`load_runner` runs a written file in its runtime; `evaluate` scores a runner
+on a prepared split with the reference metrics.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import statistics
-import time
 import types
 import uuid
-from collections.abc import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from fcn_tf import export_lib
-from fcn_tf.data import augment
+from fcn_tf import metrics
+from fcn_tf.data import augment, pipeline, sources, synthetic
+from fcn_tf.export import litert, onnx
+from fcn_tf.export.common import (
+    ExportError,
+    Runner,
+    class_info,
+    inference_model,
+    saved_variables,
+    write_assets,
+)
 
 FLOAT32_LOGITS_RTOL = 1e-4
 FLOAT32_LABEL_AGREEMENT = 0.9999
@@ -80,7 +89,7 @@ VARIANTS = {
 }
 
 
-class ExportCheckError(ValueError):
+class ExportCheckError(ExportError):
     """An export's outputs in its runtime differ from the model's beyond the thresholds."""
 
 
@@ -109,23 +118,37 @@ class FixedSizeModel(tf.Module):
       size: (height, width) of the images.
       batch_size: images per call.
       input_dtype: "uint8" or "float32" (0..255 scale either way).
+      fold_bn: fold BatchNorm into the convolutions (`common.inference_model`).
     """
 
-    def __init__(self, config, model: keras.Model, size, batch_size: int = 1, input_dtype: str = "uint8"):
+    def __init__(
+        self,
+        config,
+        model: keras.Model,
+        size,
+        batch_size: int = 1,
+        input_dtype: str = "uint8",
+        fold_bn: bool = False,
+    ):
         super().__init__(name="fixed_size_segmenter")
         if input_dtype not in INPUT_DTYPES:
-            raise ValueError(f"input_dtype={input_dtype!r} not in {INPUT_DTYPES}")
+            raise ExportError(f"input_dtype={input_dtype!r} not in {INPUT_DTYPES}")
         height, width = (int(s) for s in size)
         if height < 1 or width < 1 or batch_size < 1:
-            raise ValueError(f"size={size} and batch_size={batch_size} must be positive")
+            raise ExportError(f"size={size} and batch_size={batch_size} must be positive")
         self._data_config = config.data
-        # Untracked model, tracked tf.Variables: see export_lib.saved_variables.
-        self._keras = types.SimpleNamespace(model=export_lib.logits_model(model))
-        self.weights = export_lib.saved_variables(self._keras.model)
+        # Untracked model, tracked tf.Variables: see common.saved_variables.
+        self._keras = types.SimpleNamespace(model=inference_model(model, fold_bn))
+        self.weights = saved_variables(self._keras.model)
         self.input_spec = tf.TensorSpec(
             [batch_size, height, width, 3], tf.dtypes.as_dtype(input_dtype), "images"
         )
         self.serve = tf.function(self._serve, input_signature=[self.input_spec])
+
+    @property
+    def model(self) -> keras.Model:
+        """The Keras model the function runs (logits only)."""
+        return self._keras.model
 
     def _serve(self, images):
         x = augment.normalize(images, self._data_config.mean, self._data_config.std)
@@ -134,9 +157,11 @@ class FixedSizeModel(tf.Module):
 
 
 def check_images(spec: tf.TensorSpec) -> np.ndarray:
-    """The fixed check batch: synthetic scenes (shapes on a textured background), seeds 0..N-1."""
-    from fcn_tf.data import synthetic
+    """The fixed check batch: synthetic scenes (shapes on a textured background), seeds 0..N-1.
 
+    Args:
+      spec: the fixed input (N, H, W, 3) and its dtype.
+    """
     n, height, width, _ = spec.shape
     images = [synthetic.generate_example(np.random.default_rng(i), height, width)[0] for i in range(n)]
     return np.stack(images).astype(spec.dtype.as_numpy_dtype)
@@ -161,7 +186,15 @@ class Check:
 
 
 def compare(outputs: dict, expected: dict) -> Check:
-    """Figures of `outputs` (a runtime's logits, labels) against `expected` (TensorFlow's)."""
+    """Figures of `outputs` (a runtime's logits, labels) against `expected` (TensorFlow's).
+
+    Args:
+      outputs: {"logits", "labels"} from the runtime.
+      expected: the same from TensorFlow.
+
+    Raises:
+      ExportCheckError: the logits' shapes differ.
+    """
     logits, reference = np.asarray(outputs["logits"], np.float64), np.asarray(expected["logits"], np.float64)
     if logits.shape != reference.shape:
         raise ExportCheckError(f"logits shape {logits.shape} != the model's {reference.shape}")
@@ -210,44 +243,28 @@ def verify(path: str, variant: Variant, images: np.ndarray, expected: dict) -> C
     return check
 
 
-def checked_input(runner, images) -> np.ndarray:
-    """`images` as an array, if it has the runner's fixed shape and dtype.
-
-    Raises:
-      ValueError: another shape or dtype (the message names the file).
-    """
-    images = np.asarray(images)
-    if images.shape != runner.input_shape or images.dtype != runner.input_dtype:
-        raise ValueError(
-            f"{runner.path} takes {runner.input_dtype} {runner.input_shape} images, got {images.dtype} {images.shape}"
-        )
-    return images
-
-
-def load_runner(path: str, runtime: str | None = None) -> Callable:
-    """A callable `images -> {"logits", "labels"}` running a .tflite or .onnx file in its runtime.
-
-    The callable has `input_shape` and `input_dtype` (numpy) attributes.
+def load_runner(path: str, runtime: str | None = None, num_threads: int | None = None) -> Runner:
+    """The `Runner` of a .tflite or .onnx file in its runtime (LiteRT's interpreter, ONNX Runtime).
 
     Args:
       path: the model file.
       runtime: "litert" or "onnx"; default from the file's extension.
+      num_threads: the runtime's threads (default: every core).
+
+    Raises:
+      ExportError: neither runtime given nor a .tflite / .onnx extension.
     """
     if runtime is None:
         runtime = {".tflite": "litert", ".onnx": "onnx"}.get(os.path.splitext(path)[1].lower())
     if runtime == "litert":
-        from fcn_tf import export_litert
-
-        return export_litert.Runner(path)
+        return litert.Runner(path, num_threads)
     if runtime == "onnx":
-        from fcn_tf import export_onnx
-
-        return export_onnx.Runner(path)
-    raise ValueError(f"{path}: not a .tflite or .onnx file")
+        return onnx.Runner(path, num_threads)
+    raise ExportError(f"{path}: not a .tflite or .onnx file")
 
 
-class TensorFlowRunner:
-    """A `FixedSizeModel` run by TensorFlow, with the runners' interface (the reference).
+class TensorFlowRunner(Runner):
+    """A `FixedSizeModel` run by TensorFlow, as a `Runner` (the reference the files are checked against).
 
     Args:
       module: the fixed-size module.
@@ -255,14 +272,15 @@ class TensorFlowRunner:
 
     def __init__(self, module: FixedSizeModel):
         self._module = module
+        self.path = f"{module.name} (TensorFlow)"
         self.input_shape = tuple(module.input_spec.shape)
         self.input_dtype = np.dtype(module.input_spec.dtype.as_numpy_dtype)
 
-    def __call__(self, images) -> dict:
+    def _run(self, images: np.ndarray) -> dict:
         return {k: v.numpy() for k, v in self._module.serve(tf.constant(images)).items()}
 
 
-def logits_at_image_size(runner: Callable, image) -> tf.Tensor:
+def logits_at_image_size(runner: Runner, image) -> tf.Tensor:
     """Segments one image of any size with a fixed-size runner; logits at the image's size.
 
     As whole-image evaluation does, but to the runner's fixed size: the image
@@ -290,7 +308,7 @@ def logits_at_image_size(runner: Callable, image) -> tf.Tensor:
     return logits[0]
 
 
-def evaluate(runner: Callable, config, split: str | None = None, limit: int | None = None) -> dict:
+def evaluate(runner: Runner, config, split: str | None = None, limit: int | None = None) -> dict:
     """The reference metrics (`fcn_tf.metrics`) of a runner on a prepared split.
 
     Args:
@@ -302,9 +320,6 @@ def evaluate(runner: Callable, config, split: str | None = None, limit: int | No
     Returns:
       `fcn_tf.metrics.ConfusionMatrix.result()` ("miou", "aacc", ...).
     """
-    from fcn_tf import metrics
-    from fcn_tf.data import pipeline, sources
-
     matrix = metrics.ConfusionMatrix(config.model.num_classes, config.data.ignore_label)
     dataset = sources.load_split(config.data, split or config.data.eval_split)
     if limit is not None:
@@ -318,12 +333,46 @@ def evaluate(runner: Callable, config, split: str | None = None, limit: int | No
 
 def _convert(module: FixedSizeModel, variant: Variant) -> bytes:
     if variant.format == "litert":
-        from fcn_tf import export_litert
+        return litert.convert(module, variant.name)
+    return onnx.convert(module)
 
-        return export_litert.convert(module, variant.name)
-    from fcn_tf import export_onnx
 
-    return export_onnx.convert(module)
+def variant_keys(formats, litert_variants=("float32",)) -> list[tuple[str, str]]:
+    """The `VARIANTS` keys of the fixed-size formats among `formats` ("saved_model" is skipped).
+
+    Args:
+      formats: export formats, e.g. ["saved_model", "litert", "onnx"].
+      litert_variants: the LiteRT weight variants to write (ONNX has float32 only).
+    """
+    return [
+        (f, v)
+        for f in formats
+        if f != "saved_model"
+        for v in (litert_variants if f == "litert" else ["float32"])
+    ]
+
+
+def target_paths(export_dir: str, variants) -> dict:
+    """{variant key: the file it will be written to}, each checked to be free.
+
+    Args:
+      export_dir: the export directory.
+      variants: keys of `VARIANTS`.
+
+    Raises:
+      ExportError: an unknown variant.
+      FileExistsError: a file to write exists already.
+    """
+    keys = [tuple(key) for key in variants]
+    for key in keys:
+        if key not in VARIANTS:
+            raise ExportError(f"unknown export variant {key}; choose from {sorted(VARIANTS)}")
+    export_dir = os.path.expanduser(export_dir)
+    targets = {key: os.path.join(export_dir, VARIANTS[key].filename) for key in keys}
+    for path in targets.values():
+        if tf.io.gfile.exists(path):
+            raise FileExistsError(f"export file already exists, not overwriting: {path}")
+    return targets
 
 
 def export(
@@ -337,13 +386,14 @@ def export(
     class_names=None,
     palette=None,
     min_label_agreement: float | None = None,
+    fold_bn: bool = False,
     log=print,
 ) -> dict:
     """Writes, checks and renames into place one file per variant in `export_dir`.
 
     Args:
       config: the experiment the model was trained with.
-      model: the segmenter, weights loaded (fold BatchNorm first if wanted).
+      model: the segmenter, weights loaded.
       export_dir: the directory (created; its assets are rewritten).
       variants: (format, weight variant) keys of `VARIANTS`.
       size: (height, width); default `default_size(config)`.
@@ -354,6 +404,7 @@ def export(
       min_label_agreement: for the quantized variants, instead of their
         `VARIANTS` threshold (which was set on a trained model; an untrained
         one has near-ties everywhere).
+      fold_bn: fold BatchNorm into the convolutions (`common.inference_model`).
       log: called with one line per file written.
 
     Returns:
@@ -361,25 +412,19 @@ def export(
 
     Raises:
       FileExistsError: a file to write exists already (nothing is written).
+      ExportError: an unknown variant, a bad size, batch size or input dtype.
       ExportCheckError: a file failed its check (it is removed; the files
         checked before it stay).
     """
-    keys = [tuple(key) for key in variants]
-    for key in keys:
-        if key not in VARIANTS:
-            raise ValueError(f"unknown export variant {key}; choose from {sorted(VARIANTS)}")
+    targets = target_paths(export_dir, variants)
     export_dir = os.path.expanduser(export_dir)
-    targets = {key: os.path.join(export_dir, VARIANTS[key].filename) for key in keys}
-    for path in targets.values():
-        if tf.io.gfile.exists(path):
-            raise FileExistsError(f"export file already exists, not overwriting: {path}")
-    names, colours = export_lib.class_info(config, class_names, palette)
-    module = FixedSizeModel(config, model, size or default_size(config), batch_size, input_dtype)
+    names, colours = class_info(config, class_names, palette)
+    module = FixedSizeModel(config, model, size or default_size(config), batch_size, input_dtype, fold_bn)
     images = check_images(module.input_spec)
-    expected = {k: v.numpy() for k, v in module.serve(tf.constant(images)).items()}
-    export_lib.write_assets(os.path.join(export_dir, "assets"), config, names, colours)
+    expected = TensorFlowRunner(module)(images)
+    write_assets(os.path.join(export_dir, "assets"), config, names, colours)
     results = {}
-    for key in keys:
+    for key in targets:
         variant, target = VARIANTS[key], targets[key]
         if min_label_agreement is not None and variant.logits_rtol is None:
             variant = dataclasses.replace(variant, label_agreement=min_label_agreement)
@@ -395,22 +440,3 @@ def export(
         results[key] = (target, check)
         log(f"wrote {target} ({tf.io.gfile.stat(target).length / 1e6:.1f} MB): {check.describe()}")
     return results
-
-
-def measure_latency(fn: Callable, images, runs: int = 10, warmup: int = 2) -> float:
-    """Median seconds per call of `fn(images)` after `warmup` untimed calls.
-
-    Args:
-      fn: the runtime's call.
-      images: its input.
-      runs: timed calls.
-      warmup: untimed calls first (graph building, allocation, caches).
-    """
-    for _ in range(warmup):
-        fn(images)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn(images)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)

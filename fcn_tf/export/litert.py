@@ -3,7 +3,7 @@
 TensorFlow's converter writes the file; `ai-edge-litert`'s interpreter (the
 runtime a phone or a Python client uses) runs it. The converter reads the
 module through a SavedModel, so the module must track the `tf.Variable`s its
-function captures (see `fcn_tf.export_lib.saved_variables`): otherwise the
+function captures (see `fcn_tf.export.common.saved_variables`): otherwise the
 weights are left out as uninitialized runtime variables and the model
 returns NaN.
 
@@ -19,11 +19,13 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from fcn_tf.export import common
+
 WEIGHT_VARIANTS = ("float32", "float16", "int8")
 
 
 def convert(module, variant: str = "float32") -> bytes:
-    """The .tflite bytes of `module.serve` (a `fcn_tf.export_fixed.FixedSizeModel`).
+    """The .tflite bytes of `module.serve` (a `fcn_tf.export.fixed_size.FixedSizeModel`).
 
     Args:
       module: the fixed-size module.
@@ -41,7 +43,7 @@ def convert(module, variant: str = "float32") -> bytes:
     return converter.convert()
 
 
-class Runner:
+class Runner(common.Runner):
     """Runs a .tflite file's signature in LiteRT's interpreter: `runner(images) -> {"logits", "labels"}`.
 
     Args:
@@ -50,6 +52,7 @@ class Runner:
     """
 
     def __init__(self, path: str, num_threads: int | None = None):
+        # An optional package: imported only when a .tflite file is run.
         from ai_edge_litert.interpreter import Interpreter
 
         self.path = path
@@ -67,8 +70,5 @@ class Runner:
         if outputs != {"logits", "labels"}:
             raise ValueError(f"{path}: outputs {sorted(outputs)}, expected labels and logits")
 
-    def __call__(self, images) -> dict:
-        from fcn_tf.export_fixed import checked_input
-
-        images = checked_input(self, images)
+    def _run(self, images: np.ndarray) -> dict:
         return self._signature(**{self._input_name: images})

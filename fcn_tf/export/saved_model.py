@@ -38,16 +38,16 @@ rejected without allocating it. `max_pixels` also bounds memory: the logits
 are resized to the original size, H * W * num_classes floats per image
 (images of a batch are processed one after the other).
 
-Assets: `assets/labels.txt` (one class name per line, line i = class i),
-`assets/palette.txt` ("R G B" per line, same order) and
-`assets/experiment.json` (the resolved experiment config).
+Assets (`fcn_tf.export.common.write_assets`): `assets/labels.txt` (one
+class name per line, line i = class i), `assets/palette.txt` ("R G B" per
+line, same order) and `assets/experiment.json` (the resolved experiment
+config).
 `assets.extra/tf_serving_warmup_requests` holds one `PredictionLog` per
 signature on a small generated JPEG, which TF Serving replays at load time.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import types
@@ -56,13 +56,11 @@ import uuid
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-from fcn_tf import config as config_lib
 from fcn_tf import inference
 from fcn_tf.data import augment
-
-# Re-exported: fcn_tf.benchmark imports it from here.
-from fcn_tf.models.fold_batchnorm import fold_batchnorm
+from fcn_tf.export.common import ExportError, class_info, inference_model, saved_variables, write_assets
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 LABEL_PAD = -1
@@ -72,53 +70,9 @@ PREDICT_IMAGES = "predict_images"
 PREDICT_IMAGES_WITH_LOGITS = "predict_images_with_logits"
 SIGNATURES = (SERVING_DEFAULT, PREDICT_IMAGES, PREDICT_IMAGES_WITH_LOGITS)
 
-LABELS_ASSET = "labels.txt"
-PALETTE_ASSET = "palette.txt"
-CONFIG_ASSET = "experiment.json"
 WARMUP_FILE = "tf_serving_warmup_requests"
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-# Python modules each export format needs: {format: [(module, pip requirement)]}.
-REQUIREMENTS = {
-    "saved_model": [("tensorflow_serving.apis", "tensorflow-serving-api")],
-    "litert": [("ai_edge_litert.interpreter", "ai-edge-litert (pip install -e '.[litert]')")],
-    "onnx": [
-        ("tf2onnx", "tf2onnx (pip install -e '.[onnx]')"),
-        ("onnxruntime", "onnxruntime (pip install -e '.[onnx]')"),
-    ],
-}
-
-
-def missing_requirements(formats) -> str | None:
-    """One line naming the packages the given export formats need but cannot import, or None.
-
-    Checked before any work starts, so that a missing optional package is
-    reported in one line instead of a traceback after the model is built.
-
-    Args:
-      formats: names from `REQUIREMENTS`.
-
-    Raises:
-      ValueError: an unknown format.
-    """
-    import importlib.util
-
-    missing = []
-    for name in formats:
-        if name not in REQUIREMENTS:
-            raise ValueError(f"unknown export format {name!r}; choose from {', '.join(REQUIREMENTS)}")
-        for module, requirement in REQUIREMENTS[name]:
-            try:
-                found = importlib.util.find_spec(module) is not None
-            except ModuleNotFoundError:  # its parent package is missing
-                found = False
-            if not found and requirement not in missing:
-                missing.append(requirement)
-    if not missing:
-        return None
-    return f"the {'/'.join(formats)} export needs {', '.join(missing)}, which is not installed"
 
 
 # ------------------------------------------------------------ graph pieces ---
@@ -251,41 +205,7 @@ def _labels_and_confidence(logits):
     return labels, confidence
 
 
-def logits_model(model: keras.Model) -> keras.Model:
-    """The segmenter restricted to its main logits (the aux head is training-only)."""
-    output = model.output
-    if isinstance(output, dict):
-        output = output["logits"]
-    return keras.Model(model.input, output, name=f"{model.name}_logits")
-
-
 # ----------------------------------------------------------------- module ---
-
-
-def saved_variables(model: keras.Model) -> list[tf.Variable]:
-    """The `tf.Variable`s behind a Keras model's variables, for a `tf.Module` to save.
-
-    A SavedModel must track the `tf.Variable`s its functions capture, not the
-    Keras model. Keras 3 wraps each `tf.Variable` in a `keras.Variable`, and
-    saving the wrapper writes a second, separate `tf.Variable` copy that the
-    SavedModel's restore op fills, while the traced functions read the
-    original, which nothing in the saved graph restores. `tf.saved_model.load`
-    still works (it binds captures by object, not by graph), but every
-    loader of the saved graph fails: TF Serving and `saved_model_cli run`
-    stop with "Could not find variable stem_bn1/beta", and the TFLite
-    converter keeps those variables as uninitialized runtime resources (its
-    model holds no weights and returns NaN).
-
-    Args:
-      model: a Keras model on the TensorFlow backend.
-    """
-    variables = [v.value for v in model.variables]
-    for keras_variable, variable in zip(model.variables, variables):
-        if not isinstance(variable, tf.Variable):
-            raise TypeError(
-                f"{keras_variable.path} is not backed by a tf.Variable ({type(variable).__name__})"
-            )
-    return variables
 
 
 class SegmentationServer(tf.Module):
@@ -299,15 +219,19 @@ class SegmentationServer(tf.Module):
       model: the segmenter from `build_fcn` (weights loaded).
       max_pixels: largest height * width accepted per image.
       asset_paths: optional {name: file path} to attach as SavedModel assets.
+      fold_bn: fold BatchNorm into the convolutions (`common.inference_model`).
     """
 
-    def __init__(self, config, model, max_pixels: int = DEFAULT_MAX_PIXELS, asset_paths=None):
+    def __init__(
+        self, config, model, max_pixels: int = DEFAULT_MAX_PIXELS, asset_paths=None, fold_bn: bool = False
+    ):
         super().__init__(name="segmentation_server")
         if max_pixels < 1:
-            raise ValueError(f"max_pixels={max_pixels} must be >= 1")
+            raise ExportError(f"max_pixels={max_pixels} must be >= 1")
         self._data_config = config.data
         self._max_pixels = int(max_pixels)
-        self._keras = types.SimpleNamespace(model=logits_model(model))
+        # Untracked model, tracked tf.Variables: see common.saved_variables.
+        self._keras = types.SimpleNamespace(model=inference_model(model, fold_bn))
         self.weights = saved_variables(self._keras.model)
         # Assets are kept as attributes: tf.saved_model.save copies the files
         # into assets/ and a loaded object exposes `.asset_path`.
@@ -327,6 +251,7 @@ class SegmentationServer(tf.Module):
         return self._keras.model
 
     def signatures(self) -> dict:
+        """{signature name: function}, for `tf.saved_model.save`."""
         return {
             SERVING_DEFAULT: self.serve,
             PREDICT_IMAGES: self.predict_images,
@@ -387,46 +312,47 @@ class SegmentationServer(tf.Module):
 # ----------------------------------------------------------------- export ---
 
 
-def class_info(config, class_names=None, palette=None):
-    """Class names and palette for `config`, from `fcn_tf.data.classes` unless given.
+def next_version(export_dir_base: str) -> int:
+    """1 + the largest integer version directory in `export_dir_base` (1 if none).
 
     Args:
-      config: the experiment.
-      class_names: optional list of names, one per class.
-      palette: optional uint8-compatible (num_classes, 3) colours.
-
-    Returns:
-      (list of num_classes names, uint8 (num_classes, 3) palette).
-
-    Raises:
-      ValueError: a given list does not have num_classes entries.
+      export_dir_base: `BASE/NAME`.
     """
-    from fcn_tf.data import classes
-
-    n = config.model.num_classes
-    if class_names is None:
-        class_names = classes.class_names_for(config.data.dataset, n)
-    if palette is None:
-        palette = classes.palette_for(config.data.dataset, n)
-    class_names = [str(name) for name in class_names]
-    palette = np.asarray(palette)
-    if len(class_names) != n:
-        raise ValueError(f"{len(class_names)} class names given for num_classes={n}")
-    if palette.shape != (n, 3) or palette.min() < 0 or palette.max() > 255:
-        raise ValueError(f"palette must be (num_classes={n}, 3) in 0..255, got shape {palette.shape}")
-    return class_names, palette.astype(np.uint8)
-
-
-def next_version(export_dir_base: str) -> int:
-    """1 + the largest integer version directory in `export_dir_base` (1 if none)."""
     if not tf.io.gfile.isdir(export_dir_base):
         return 1
     versions = [int(n.rstrip("/")) for n in tf.io.gfile.listdir(export_dir_base) if n.rstrip("/").isdigit()]
     return max(versions, default=0) + 1
 
 
+def version_dir(export_dir_base: str, version: int | None = None) -> str:
+    """The version directory an export will write: `export_dir_base/VERSION`, checked to be free.
+
+    Args:
+      export_dir_base: `BASE/NAME`.
+      version: integer version; default: one more than the largest present.
+
+    Raises:
+      FileExistsError: the version directory already exists.
+      ExportError: a bad version.
+    """
+    export_dir_base = os.path.expanduser(export_dir_base).rstrip("/")
+    if version is None:
+        version = next_version(export_dir_base)
+    if not isinstance(version, int) or version < 0:
+        raise ExportError(f"version={version!r} must be a non-negative integer")
+    target = os.path.join(export_dir_base, str(version))
+    if tf.io.gfile.exists(target):
+        raise FileExistsError(f"export version already exists, not overwriting: {target}")
+    return target
+
+
 def sample_jpeg(height: int = 24, width: int = 32) -> bytes:
-    """A small deterministic colour gradient as JPEG bytes (warm-up and tests)."""
+    """A small deterministic colour gradient as JPEG bytes (warm-up and tests).
+
+    Args:
+      height: image height.
+      width: image width.
+    """
     y = np.linspace(0, 255, height)[:, None]
     x = np.linspace(0, 255, width)[None, :]
     image = np.stack(
@@ -445,8 +371,6 @@ def write_warmup(path: str, model_name: str) -> int:
     Returns:
       The number of records written.
     """
-    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
-
     jpeg = sample_jpeg()
     pixels = tf.io.decode_jpeg(jpeg, channels=3).numpy()[np.newaxis]
     inputs = {
@@ -463,32 +387,6 @@ def write_warmup(path: str, model_name: str) -> int:
             log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
             writer.write(log.SerializeToString())
     return len(inputs)
-
-
-def write_assets(directory: str, config, class_names, palette) -> dict:
-    """Writes the class names, palette and config files an export carries.
-
-    Args:
-      directory: where to write (created if missing).
-      config: the experiment.
-      class_names: one name per class (see `class_info`).
-      palette: uint8 (num_classes, 3).
-
-    Returns:
-      {asset name: path written}.
-    """
-    tf.io.gfile.makedirs(directory)
-    contents = {
-        LABELS_ASSET: "".join(f"{name}\n" for name in class_names),
-        PALETTE_ASSET: "".join(f"{r} {g} {b}\n" for r, g, b in np.asarray(palette).tolist()),
-        CONFIG_ASSET: config_lib.to_json(config),
-    }
-    paths = {}
-    for name, text in contents.items():
-        paths[name] = os.path.join(directory, name)
-        with tf.io.gfile.GFile(paths[name], "w") as f:
-            f.write(text)
-    return paths
 
 
 def export(
@@ -518,7 +416,7 @@ def export(
       class_names: override of the class names (default: the dataset's).
       palette: override of the palette (default: the dataset's).
       warmup: write `assets.extra/tf_serving_warmup_requests`.
-      fold_bn: fold BatchNorm into the convolutions (`fold_batchnorm`);
+      fold_bn: fold BatchNorm into the convolutions (`common.inference_model`);
         logits change only by float rounding (~1e-6 relative).
 
     Returns:
@@ -526,24 +424,18 @@ def export(
 
     Raises:
       FileExistsError: the version directory already exists.
-      ValueError: a bad version or max_pixels.
+      ExportError: a bad version or max_pixels.
     """
-    export_dir_base = os.path.expanduser(export_dir_base).rstrip("/")
-    if version is None:
-        version = next_version(export_dir_base)
-    if not isinstance(version, int) or version < 0:
-        raise ValueError(f"version={version!r} must be a non-negative integer")
-    target = os.path.join(export_dir_base, str(version))
-    if tf.io.gfile.exists(target):
-        raise FileExistsError(f"export version already exists, not overwriting: {target}")
+    target = version_dir(export_dir_base, version)
+    export_dir_base = os.path.dirname(target)
     names, colours = class_info(config, class_names, palette)
     tf.io.gfile.makedirs(export_dir_base)
-    staging = os.path.join(export_dir_base, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+    staging = os.path.join(export_dir_base, f".tmp-{os.path.basename(target)}-{uuid.uuid4().hex[:8]}")
     with tempfile.TemporaryDirectory() as asset_dir:
         asset_paths = write_assets(asset_dir, config, names, colours)
-        if fold_bn:
-            model = fold_batchnorm(logits_model(model))
-        server = SegmentationServer(config, model, max_pixels=max_pixels, asset_paths=asset_paths)
+        server = SegmentationServer(
+            config, model, max_pixels=max_pixels, asset_paths=asset_paths, fold_bn=fold_bn
+        )
         tf.saved_model.save(server, staging, signatures=server.signatures())
     if warmup:
         extra = os.path.join(staging, "assets.extra")
@@ -560,7 +452,14 @@ def export(
 
 
 def resolve_version_dir(export_dir: str) -> str:
-    """A SavedModel directory from a version directory or a `BASE/NAME` (latest version)."""
+    """A SavedModel directory from a version directory or a `BASE/NAME` (latest version).
+
+    Args:
+      export_dir: the version directory, or `BASE/NAME`.
+
+    Raises:
+      FileNotFoundError: no SavedModel there.
+    """
     export_dir = os.path.expanduser(export_dir).rstrip("/")
     if tf.io.gfile.exists(os.path.join(export_dir, "saved_model.pb")):
         return export_dir
@@ -569,19 +468,3 @@ def resolve_version_dir(export_dir: str) -> str:
     if latest >= 0 and tf.io.gfile.exists(os.path.join(candidate, "saved_model.pb")):
         return candidate
     raise FileNotFoundError(f"no SavedModel in {export_dir} (nor in an integer version directory below it)")
-
-
-def read_class_info(saved_model_dir: str):
-    """(class names, uint8 (C, 3) palette) from an export's assets."""
-    assets = os.path.join(saved_model_dir, "assets")
-    with tf.io.gfile.GFile(os.path.join(assets, LABELS_ASSET)) as f:
-        names = [line.rstrip("\n") for line in f]
-    with tf.io.gfile.GFile(os.path.join(assets, PALETTE_ASSET)) as f:
-        palette = np.array([[int(v) for v in line.split()] for line in f if line.strip()], np.uint8)
-    return names, palette
-
-
-def read_config(saved_model_dir: str):
-    """The experiment config stored with an export."""
-    with tf.io.gfile.GFile(os.path.join(saved_model_dir, "assets", CONFIG_ASSET)) as f:
-        return config_lib.from_dict(json.load(f))

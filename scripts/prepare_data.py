@@ -18,8 +18,8 @@ import sys
 from absl import app, flags
 
 from fcn_tf.data import sources
-from fcn_tf.data.builder import CountMismatchError
-from fcn_tf.data.validate import BadExampleError, DatasetLayoutError
+from fcn_tf.data.raw_examples import BadExampleError, DatasetLayoutError
+from fcn_tf.data.tfds_builder import CountMismatchError
 
 _DATASET = flags.DEFINE_enum("dataset", None, list(sources.BUILDERS), "Dataset to prepare.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Raw files in the dataset's official layout.")

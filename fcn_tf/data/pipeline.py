@@ -110,7 +110,9 @@ def _random_access(source) -> records.RandomAccessSplit:
             "a training source must have a known, finite number of elements (tf.data cardinality "
             f"{count}): the training order permutes its indices"
         )
-    return records.RandomAccessSplit(count, lambda i: tf.data.Dataset.from_tensors(tf.data.experimental.at(source, i)))
+    return records.RandomAccessSplit(
+        count, lambda i: tf.data.Dataset.from_tensors(tf.data.experimental.at(source, i))
+    )
 
 
 def training_examples(data_config, input_context=None, source=None) -> tf.data.Dataset:

@@ -29,12 +29,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from fcn_tf.config import DataConfig
-from fcn_tf.data import records, strips, validate
+from fcn_tf.data import raw_examples, records, strips
 from fcn_tf.data.ade20k import Ade20k
-from fcn_tf.data.builder import SegmentationBuilder
 from fcn_tf.data.cityscapes import Cityscapes
+from fcn_tf.data.raw_examples import BadExampleError
 from fcn_tf.data.synthetic import Synthetic
-from fcn_tf.data.validate import BadExampleError
+from fcn_tf.data.tfds_builder import SegmentationBuilder
 from fcn_tf.data.voc import VocAug
 
 BUILDERS: dict[str, type[SegmentationBuilder]] = {
@@ -108,7 +108,7 @@ def prepare(
       A PrepareResult.
 
     Raises:
-      validate.DatasetLayoutError: missing folders or split lists, or a split
+      raw_examples.DatasetLayoutError: missing folders or split lists, or a split
         left empty (also after skipping bad examples).
       builder.CountMismatchError: split sizes differ from the real dataset.
       BadExampleError: a bad example (without `skip_bad_examples`).
@@ -117,7 +117,7 @@ def prepare(
     manual_dir = Path(manual_dir).expanduser()
     data_dir = Path(data_dir).expanduser()
     if not manual_dir.is_dir() or not any(manual_dir.iterdir()):
-        raise validate.DatasetLayoutError(
+        raise raw_examples.DatasetLayoutError(
             f"{manual_dir}: manual directory is missing or empty. {cls.MANUAL_DOWNLOAD_INSTRUCTIONS}"
         )
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from fcn_tf.config import DataConfig
-from fcn_tf.data import classes, png, sources, synthetic, validate
+from fcn_tf.data import classes, png, raw_examples, sources, synthetic
 
 tfds.disable_progress_bar()
 
@@ -46,7 +46,7 @@ def test_voc_layout(raw):
         data = (voc / "SegmentationClass" / f"{image_id}.png").read_bytes()
         head = png.header(data)
         assert head["color_type"] == png.PALETTE and (head["width"], head["height"]) == (56, 40)
-        label = validate.decode_label_png(data, image_id)
+        label = raw_examples.decode_label_png(data, image_id)
         assert set(np.unique(label)) <= {0, 1, 2, 3, 4, 255}
 
 
@@ -97,7 +97,7 @@ def test_prepares_through_the_voc_reader_and_load_split_contract(raw, tmp_path):
     for ex in tfds.as_numpy(ds):
         image_id = ex["image_id"].decode()
         assert ex["image"].shape == (40, 56, 3) and ex["label"].shape == (40, 56)
-        raw_label = validate.decode_label_png(
+        raw_label = raw_examples.decode_label_png(
             (voc / "SegmentationClass" / f"{image_id}.png").read_bytes(), ""
         )
         np.testing.assert_array_equal(ex["label"], raw_label)

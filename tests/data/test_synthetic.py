@@ -8,7 +8,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from fcn_tf.config import DataConfig
-from fcn_tf.data import classes, png, raw_examples, sources, synthetic
+from fcn_tf.data import classes, encoded, png, raw_examples, sources, synthetic
 
 tfds.disable_progress_bar()
 
@@ -126,14 +126,20 @@ def test_default_demo_size_is_fast(tmp_path):
     assert time.perf_counter() - start < 15  # 500 images take a few seconds
 
 
-def test_load_split_can_skip_image_decoding(raw, tmp_path):
+def test_encoded_split_keeps_the_original_image_bytes(raw, tmp_path):
     sources.prepare("synthetic", raw, tmp_path / "tfds")
     config = DataConfig(dataset="synthetic", data_dir=str(tmp_path / "tfds"))
-    ds = sources.load_split(config, "validation", decoders={"image": tfds.decode.SkipDecoding()})
-    assert ds.element_spec["image"] == tf.TensorSpec((), tf.string)
-    assert ds.element_spec["label"] == tf.TensorSpec((None, None), tf.uint8)
-    ex = next(iter(tfds.as_numpy(ds)))
+    ds = sources.encoded_split(config, "validation")
+    # The image stored whole: one strip, its original bytes.
+    assert ds.element_spec["image_strips"] == tf.TensorSpec((1,), tf.string)
+    assert ds.element_spec["label_png"] == tf.TensorSpec((), tf.string)
+    example = next(iter(ds))
+    ex = tfds.as_numpy(example)
     voc = raw / "VOCdevkit" / "VOC2012"
-    assert (
-        ex["image"] == (voc / "JPEGImages" / f"{ex['image_id'].decode()}.jpg").read_bytes()
-    )  # original bytes
+    image_id = ex["image_id"].decode()
+    assert ex["image_strips"].tolist() == [(voc / "JPEGImages" / f"{image_id}.jpg").read_bytes()]
+    raw_label = raw_examples.decode_label_png(
+        (voc / "SegmentationClass" / f"{image_id}.png").read_bytes(), ""
+    )
+    np.testing.assert_array_equal(encoded.decode_label(example), raw_label)
+

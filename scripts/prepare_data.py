@@ -46,9 +46,9 @@ def main(argv):
             allow_count_mismatch=_ALLOW_COUNT_MISMATCH.value,
         )
     except BadExampleError as e:
-        sys.exit(f"error: bad example {e}\n(nothing was written; --skip_bad_examples skips and counts them)")
-    except (DatasetLayoutError, CountMismatchError) as e:
-        sys.exit(f"error: {e}\n(nothing was written)")
+        sys.exit(f"error: bad example {e} (nothing was written; --skip_bad_examples skips and counts them)")
+    except (DatasetLayoutError, CountMismatchError, OSError) as e:
+        sys.exit(f"error: {e} (nothing was written)")
     counts = ", ".join(f"{split}: {n:,}" for split, n in result.num_examples.items())
     print(f"Prepared {_DATASET.value} in {result.path} ({counts})")
     if result.skipped:

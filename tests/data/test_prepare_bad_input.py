@@ -224,6 +224,9 @@ def test_script_stops_on_bad_input_naming_the_file(voc_raw, tmp_path):
     failed = _run_script(*_script_args(voc_raw, tmp_path / "out"))
     assert failed.returncode != 0
     assert f"error: bad example {bad}: corrupt or truncated image" in failed.stderr
+    # One line says it all: what, where, and that nothing was written.
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: bad example {bad}") and last.endswith("skips and counts them)"), last
     _assert_nothing_written(tmp_path / "out")
 
 

@@ -1,5 +1,7 @@
 """Synthetic shapes: determinism, VOC layout, learnable content, preparation through the VOC reader."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from fcn_tf.config import DataConfig
 from fcn_tf.data import classes, encoded, png, raw_examples, sources, synthetic
+from harness import runs
 
 tfds.disable_progress_bar()
 
@@ -143,3 +146,17 @@ def test_encoded_split_keeps_the_original_image_bytes(raw, tmp_path):
     )
     np.testing.assert_array_equal(encoded.decode_label(example), raw_label)
 
+
+def test_script_refuses_a_bad_size_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, f"{runs.REPO}/scripts/make_synthetic.py", f"--output_dir={tmp_path}", "--height=4"],
+        capture_output=True,
+        text=True,
+        env=runs.subprocess_env(),
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: need num_train, num_val >= 1 and a size >= 8x8, got 400, 100, 4x128"
+    )
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -67,14 +67,16 @@ def training_examples(data_config, input_context=None, source=None) -> tf.data.D
 
     Position `t` (int64) reads split index `order.example_index(t, ...)`:
     every epoch a fresh uniform permutation of this pipeline's shard
-    (`fcn_tf.data.order`). `build_dataset` augments this stream.
+    (`fcn_tf.data.order`); the example is in the encoded shape
+    (`fcn_tf.data.encoded`). `build_dataset` augments this stream.
 
     Args:
       data_config: a `fcn_tf.config.DataConfig` (dataset, split, seed).
       input_context: a `tf.distribute.InputContext`, or None for one pipeline.
       source: None (the prepared train split, `sources.random_access_split`),
-        a `records.RandomAccessSplit`, or a finite `tf.data.Dataset` that
-        supports `tf.data.experimental.at`.
+        a `records.RandomAccessSplit`, or a finite `tf.data.Dataset` (of
+        encoded examples or decoded arrays) that supports
+        `tf.data.experimental.at`.
     """
     if source is None:
         source = sources.random_access_split(data_config, data_config.train_split)

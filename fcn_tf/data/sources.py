@@ -112,7 +112,7 @@ def prepare(
     Raises:
       raw_examples.DatasetLayoutError: missing folders or split lists, or a split
         left empty (also after skipping bad examples).
-      builder.CountMismatchError: split sizes differ from the real dataset.
+      tfds_builder.CountMismatchError: split sizes differ from the real dataset.
       BadExampleError: a bad example (without `skip_bad_examples`).
     """
     cls = builder_class(dataset)

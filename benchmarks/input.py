@@ -228,14 +228,14 @@ def prepare_cityscapes(pairs, directory) -> str:
 
 
 def file_source(pairs):
-    """tf.data source of {"image_bytes", "label_bytes"} read from `pairs` of paths."""
+    """tf.data source of encoded examples (`fcn_tf.data.encoded`) read from `pairs` of paths."""
     import tensorflow as tf
+
+    from fcn_tf.data import encoded
 
     images, labels = zip(*pairs)
     ds = tf.data.Dataset.from_tensor_slices((list(images), list(labels)))
-    return ds.map(
-        lambda image, label: {"image_bytes": tf.io.read_file(image), "label_bytes": tf.io.read_file(label)}
-    )
+    return ds.map(lambda image, label: encoded.from_files(tf.io.read_file(image), tf.io.read_file(label)))
 
 
 # ------------------------------------------------------------ our pipeline ---
@@ -544,13 +544,12 @@ def run(
 def _train_image_bytes(data_dir) -> int:
     """Bytes of the stored training image strips of a prepared Cityscapes dataset."""
     import tensorflow as tf
-    import tensorflow_datasets as tfds
 
     from fcn_tf.config import DataConfig
     from fcn_tf.data import sources
 
-    config = DataConfig(dataset="cityscapes", data_dir=data_dir, num_classes=19)
-    ds = sources.load_split(config, "train", decoders={"image": tfds.decode.SkipDecoding()})
+    config = DataConfig(dataset="cityscapes", data_dir=data_dir)
+    ds = sources.encoded_split(config, "train")
     return sum(int(tf.reduce_sum(tf.strings.length(e["image_strips"]))) for e in ds)
 
 

@@ -29,6 +29,7 @@ from absl import logging
 from fcn_tf import inference, visualize
 from fcn_tf.config import ExperimentConfig
 from fcn_tf.data import classes
+from fcn_tf.data.pipeline import build_dataset
 from fcn_tf.metrics import ConfusionMatrix, confusion_matrix_update
 
 
@@ -89,13 +90,7 @@ def _dataset_fn(dataset, config: ExperimentConfig, max_examples: int) -> Callabl
     def make(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
         num_pipelines, pipeline_id = input_context.num_input_pipelines, input_context.input_pipeline_id
         if dataset is None:
-            from fcn_tf.data import build_dataset
-            from fcn_tf.data.sources import load_split
-
-            source = load_split(config.data, config.data.eval_split)
-            if max_examples:
-                source = source.take(max_examples)
-            ds = build_dataset(config.data, training=False, input_context=input_context, source=source)
+            ds = build_dataset(config.data, False, input_context, max_examples=max_examples)
         else:
             ds = dataset() if callable(dataset) else dataset
             if max_examples:
@@ -174,9 +169,10 @@ def evaluate(
         `strategy.scope()` when distributed.
       dataset: the eval dataset of dicts `{"image": float32 (1, h', w', 3),
         "label": int32 (1, H, W), "image_id": string (1,)}` (pipeline
-        contract), a `() -> dataset` callable, or None to build the eval
-        split with `fcn_tf.data.build_dataset(config.data, training=False)`.
-        A given dataset is read by every worker and sharded per worker.
+        contract), a `() -> dataset` callable, or None to read the eval
+        split through `fcn_tf.data.build_dataset(config.data, False, ...)`,
+        one shard per input pipeline. A given dataset is read by every
+        worker and sharded per worker.
       config: the experiment; `config.eval` chooses the inference mode.
       strategy: the tf.distribute strategy (default: the current one).
       max_examples: evaluate only the first N examples (0: all).

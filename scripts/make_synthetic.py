@@ -7,6 +7,8 @@ r"""Writes the synthetic shapes dataset in the PASCAL VOC layout.
 boundary band; deterministic for a given seed. See fcn_tf/data/synthetic.py.
 """
 
+import sys
+
 from absl import app, flags
 
 from fcn_tf.data import synthetic
@@ -22,14 +24,17 @@ flags.mark_flag_as_required("output_dir")
 
 def main(argv):
     del argv
-    root = synthetic.write_dataset(
-        _OUTPUT_DIR.value,
-        num_train=_NUM_TRAIN.value,
-        num_val=_NUM_VAL.value,
-        seed=_SEED.value,
-        height=_HEIGHT.value,
-        width=_WIDTH.value,
-    )
+    try:
+        root = synthetic.write_dataset(
+            _OUTPUT_DIR.value,
+            num_train=_NUM_TRAIN.value,
+            num_val=_NUM_VAL.value,
+            seed=_SEED.value,
+            height=_HEIGHT.value,
+            width=_WIDTH.value,
+        )
+    except (ValueError, OSError) as e:  # bad counts or size; an output folder that cannot be written
+        sys.exit(f"error: {e}")
     print(f"Wrote {_NUM_TRAIN.value} train + {_NUM_VAL.value} val images to {root}")
 
 

@@ -18,8 +18,8 @@ import sys
 from absl import app, flags
 
 from fcn_tf.data import sources
-from fcn_tf.data.builder import CountMismatchError
-from fcn_tf.data.validate import BadExampleError, DatasetLayoutError
+from fcn_tf.data.raw_examples import BadExampleError, DatasetLayoutError
+from fcn_tf.data.tfds_builder import CountMismatchError
 
 _DATASET = flags.DEFINE_enum("dataset", None, list(sources.BUILDERS), "Dataset to prepare.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Raw files in the dataset's official layout.")
@@ -46,9 +46,9 @@ def main(argv):
             allow_count_mismatch=_ALLOW_COUNT_MISMATCH.value,
         )
     except BadExampleError as e:
-        sys.exit(f"error: bad example {e}\n(nothing was written; --skip_bad_examples skips and counts them)")
-    except (DatasetLayoutError, CountMismatchError) as e:
-        sys.exit(f"error: {e}\n(nothing was written)")
+        sys.exit(f"error: bad example {e} (nothing was written; --skip_bad_examples skips and counts them)")
+    except (DatasetLayoutError, CountMismatchError, OSError) as e:
+        sys.exit(f"error: {e} (nothing was written)")
     counts = ", ".join(f"{split}: {n:,}" for split, n in result.num_examples.items())
     print(f"Prepared {_DATASET.value} in {result.path} ({counts})")
     if result.skipped:

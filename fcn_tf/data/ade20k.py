@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fcn_tf.data import classes, validate
-from fcn_tf.data.builder import SegmentationBuilder, SplitListing, first_existing
-from fcn_tf.data.validate import RawExample
+from fcn_tf.data import classes, raw_examples
+from fcn_tf.data.raw_examples import RawExample
+from fcn_tf.data.tfds_builder import SegmentationBuilder, SplitListing, first_existing
 
 NUM_CLASSES = classes.num_classes("ade20k")
-LABEL_TABLE = validate.lookup_table({0: 255, **{k: k - 1 for k in range(1, NUM_CLASSES + 1)}})
+LABEL_TABLE = raw_examples.lookup_table({0: 255, **{k: k - 1 for k in range(1, NUM_CLASSES + 1)}})
 
 LAYOUT = "RAW/ADEChallengeData2016/{images,annotations}/{training,validation}"
 _FOLDERS = {"train": "training", "validation": "validation"}
@@ -33,7 +33,7 @@ def ade_split(root: Path, folder: str) -> SplitListing:
     """
     image_dir = root / "images" / folder
     if not image_dir.is_dir():
-        raise validate.DatasetLayoutError(f"{image_dir}: image folder is missing; expected {LAYOUT}")
+        raise raw_examples.DatasetLayoutError(f"{image_dir}: image folder is missing; expected {LAYOUT}")
     examples = []
     for image in sorted(image_dir.glob("*.jpg")):
         label = root / "annotations" / folder / f"{image.stem}.png"
@@ -42,8 +42,8 @@ def ade_split(root: Path, folder: str) -> SplitListing:
                 image_id=image.stem,
                 image_path=str(image),
                 label_path=str(label),
-                read_image=lambda p=str(image): validate.read_bytes(p),
-                read_label=lambda p=str(label): validate.decode_label_png(validate.read_bytes(p), p),
+                read_image=lambda p=str(image): raw_examples.read_bytes(p),
+                read_label=lambda p=str(label): raw_examples.decode_label_png(raw_examples.read_bytes(p), p),
             )
         )
     return SplitListing(str(image_dir / "*.jpg"), examples)

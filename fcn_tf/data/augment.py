@@ -8,21 +8,24 @@ element index can be checkpointed and restored exactly.
 Conventions: images are (H, W, 3) RGB, uint8 or float32 on the 0..255
 scale; labels are (H, W) integers (uint8 or int32), classes 0..C-1 and the
 ignore value. Labels are only ever resized with nearest neighbour and
-padded with the ignore value; their dtype is preserved.
+padded with the ignore value; their dtype is preserved. The resize and
+crop ops read their parameters (scale_target, ratio_range, crop_size,
+cat_max_ratio, crop_tries, ignore_label) from the experiment's
+`fcn_tf.config.DataConfig`, which documents them.
 
-The reference is sssegmentation / mmsegmentation (OpenCV + numpy): keep-ratio
-resize to (2048, 512) x U(0.5, 2), random crop with the 0.75 single-class
-rule, flip 0.5, photometric distortion, normalize, pad. Followed exactly: the resize target truncated to integers and
-mmcv's `int(x * scale + 0.5)` size rounding; labels resized with OpenCV's
-`INTER_NEAREST` index formula (no half-pixel offset, unlike
-`tf.image.resize(..., "nearest")`); the crop retry rule with
-sssegmentation's fallback (the last crop tried); the photometric
-probabilities, ranges and integer hue shift in OpenCV units (18 units = 36
-degrees); clipping and truncation after brightness/contrast. Differences,
-where TensorFlow cannot reproduce it bit for bit:
+The reference is sssegmentation / mmsegmentation (OpenCV + numpy):
+keep-ratio resize to (2048, 512) x U(0.5, 2), random crop with the 0.75
+single-class rule, flip 0.5, photometric distortion
+(`fcn_tf.data.photometric`), normalize, pad. Followed exactly: the resize
+target truncated to integers and mmcv's `int(x * scale + 0.5)` size
+rounding; labels resized with OpenCV's `INTER_NEAREST` index formula (no
+half-pixel offset, unlike `tf.image.resize(..., "nearest")`); the crop
+retry rule with sssegmentation's fallback (the last crop tried). The
+resize and the crop are fused (`random_resize_crop`): the crop is drawn on
+the label, and only the part of the image it reads is resampled.
+Differences, where TensorFlow cannot reproduce it bit for bit:
 - the resized image stays float32 (OpenCV rounds it to uint8);
-- the HSV steps work in float HSV (OpenCV quantizes H, S, V to uint8) and
-  round their result to integers as OpenCV's HSV -> RGB conversion does;
+- the photometric HSV steps work in float HSV (see `fcn_tf.data.photometric`);
 - padding is bottom/right (mmsegmentation's `Pad`; sssegmentation centres).
 """
 
@@ -31,6 +34,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import tensorflow as tf
+
+from fcn_tf.data import photometric
 
 Size = Sequence[int]
 
@@ -64,8 +69,8 @@ def keep_ratio_size(height, width, target: Size) -> tuple[tf.Tensor, tf.Tensor]:
     return new_h, new_w
 
 
-def sample_resize_size(height, width, seed, scale_target: Size, ratio_range: Sequence[float]):
-    """Draws the reference's random keep-ratio size.
+def sample_resize_size(height, width, seed, data_config):
+    """Draws the reference's random keep-ratio size (step 1 of the recipe).
 
     `r ~ U(ratio_range)`, target `(int(scale_target[0] * r),
     int(scale_target[1] * r))` (the reference truncates the target to
@@ -75,16 +80,15 @@ def sample_resize_size(height, width, seed, scale_target: Size, ratio_range: Seq
       height: image height.
       width: image width.
       seed: stateless seed, shape [2].
-      scale_target: (long, short) base target.
-      ratio_range: (low, high) of the ratio.
+      data_config: a `fcn_tf.config.DataConfig`; its `scale_target` (long,
+        short) and `ratio_range` (low, high) are read.
 
     Returns:
       (new_height, new_width) int32 scalar tensors.
     """
-    r = tf.random.stateless_uniform(
-        [], seed, minval=float(ratio_range[0]), maxval=float(ratio_range[1]), dtype=tf.float64
-    )
-    target = (tf.floor(float(scale_target[0]) * r), tf.floor(float(scale_target[1]) * r))
+    low, high = data_config.ratio_range
+    r = tf.random.stateless_uniform([], seed, minval=float(low), maxval=float(high), dtype=tf.float64)
+    target = tuple(tf.floor(float(t) * r) for t in data_config.scale_target)
     return keep_ratio_size(height, width, target)
 
 
@@ -129,22 +133,6 @@ def nearest_indices(src_size, dst_size, start=0, length=None) -> tf.Tensor:
     return tf.minimum(idx, tf.cast(src_size, tf.int32) - 1)
 
 
-def resize_label(label: tf.Tensor, size) -> tf.Tensor:
-    """Nearest-neighbour resize of a label map, exactly as OpenCV's `INTER_NEAREST`.
-
-    A gather, so label values and dtype are unchanged.
-
-    Args:
-      label: (H, W) integer label.
-      size: (new_h, new_w).
-
-    Returns:
-      (new_h, new_w) label of the same dtype.
-    """
-    shape = tf.shape(label)
-    return gather_2d(label, nearest_indices(shape[0], size[0]), nearest_indices(shape[1], size[1]))
-
-
 def gather_2d(label, rows, cols, transposed=False):
     """`label[rows][:, cols]`, fast: both gathers pick whole rows.
 
@@ -160,24 +148,6 @@ def gather_2d(label, rows, cols, transposed=False):
     """
     picked = tf.gather(tf.transpose(tf.gather(label, rows)), cols)
     return picked if transposed else tf.transpose(picked)
-
-
-def random_resize(image, label, seed, scale_target: Size, ratio_range: Sequence[float]):
-    """Random keep-ratio resize (step 1 of the recipe).
-
-    Args:
-      image: (H, W, 3) uint8 or float32.
-      label: (H, W) integer label.
-      seed: stateless seed, shape [2].
-      scale_target: (long, short) base target, e.g. (2048, 512).
-      ratio_range: (low, high) range of the random ratio, e.g. (0.5, 2.0).
-
-    Returns:
-      (image float32, label) resized.
-    """
-    shape = tf.shape(label)
-    size = sample_resize_size(shape[0], shape[1], seed, scale_target, ratio_range)
-    return resize_image(image, size), resize_label(label, size)
 
 
 # ------------------------------------------------------------------ crop ---
@@ -208,17 +178,8 @@ def crop_is_acceptable(label_crop, cat_max_ratio: float, ignore_label: int) -> t
     )
 
 
-def choose_crop(
-    height,
-    width,
-    crop_size: Size,
-    seed,
-    label_crop_fn,
-    cat_max_ratio: float,
-    crop_tries: int,
-    ignore_label: int,
-):
-    """Draws crop offsets with the reference's retry rule, in a `tf.while_loop`.
+def choose_crop(height, width, seed, label_crop_fn, data_config):
+    """Draws crop offsets with the reference's retry rule (step 2 of the recipe), in a `tf.while_loop`.
 
     Try `i` draws `offset_h ~ U{0..max(height - crop_h, 0)}` and likewise for
     the width from `stateless_fold_in(seed, i)`; the first acceptable crop
@@ -230,22 +191,22 @@ def choose_crop(
     Args:
       height: image height (after resizing).
       width: image width.
-      crop_size: (crop_h, crop_w); larger than the image means the whole
-        image along that axis.
       seed: stateless seed, shape [2].
       label_crop_fn: `(offset_h, offset_w, h, w) -> label crop`.
-      cat_max_ratio: see `crop_is_acceptable`.
-      crop_tries: maximum number of draws.
-      ignore_label: label value that is not counted.
+      data_config: a `fcn_tf.config.DataConfig`; read: `crop_size` (crop_h,
+        crop_w; larger than the image means the whole image along that
+        axis), `crop_tries` (maximum number of draws), and `cat_max_ratio`
+        and `ignore_label` (see `crop_is_acceptable`).
 
     Returns:
       (offset_h, offset_w, crop_h, crop_w) int32 scalar tensors.
     """
+    crop_size, cat_max_ratio = data_config.crop_size, data_config.cat_max_ratio
     ch = tf.minimum(tf.cast(crop_size[0], tf.int32), height)
     cw = tf.minimum(tf.cast(crop_size[1], tf.int32), width)
     margin_h = tf.maximum(height - ch, 0)
     margin_w = tf.maximum(width - cw, 0)
-    tries = crop_tries if cat_max_ratio < 1.0 else 1
+    tries = data_config.crop_tries if cat_max_ratio < 1.0 else 1
 
     def draw(i):
         s = tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(seed, i), 2)
@@ -259,7 +220,8 @@ def choose_crop(
     def body(i, oy, ox, accepted):
         oy, ox = draw(i)
         if cat_max_ratio < 1.0:
-            accepted = crop_is_acceptable(label_crop_fn(oy, ox, ch, cw), cat_max_ratio, ignore_label)
+            crop = label_crop_fn(oy, ox, ch, cw)
+            accepted = crop_is_acceptable(crop, cat_max_ratio, data_config.ignore_label)
         else:
             accepted = tf.constant(True)
         return i + 1, oy, ox, accepted
@@ -273,63 +235,21 @@ def choose_crop(
     return oy, ox, ch, cw
 
 
-def random_crop(
-    image, label, seed, crop_size: Size, cat_max_ratio: float, crop_tries: int, ignore_label: int
-):
-    """Random crop with the single-class rule (step 2 of the recipe).
-
-    Args:
-      image: (H, W, C) image.
-      label: (H, W) label.
-      seed: stateless seed, shape [2].
-      crop_size: (crop_h, crop_w); smaller images are kept whole along that
-        axis (and padded later by `pad_to_size`).
-      cat_max_ratio: see `crop_is_acceptable`.
-      crop_tries: maximum number of draws.
-      ignore_label: label value that is not counted.
-
-    Returns:
-      (image, label) crops of size min(crop, size).
-    """
-    shape = tf.shape(label)
-
-    def label_crop(oy, ox, ch, cw):
-        return label[oy : oy + ch, ox : ox + cw]
-
-    oy, ox, ch, cw = choose_crop(
-        shape[0], shape[1], crop_size, seed, label_crop, cat_max_ratio, crop_tries, ignore_label
-    )
-    return image[oy : oy + ch, ox : ox + cw], label[oy : oy + ch, ox : ox + cw]
-
-
-def plan_resize_crop(
-    label,
-    resize_seed,
-    crop_seed,
-    scale_target: Size,
-    ratio_range: Sequence[float],
-    crop_size: Size,
-    cat_max_ratio: float,
-    crop_tries: int,
-    ignore_label: int,
-) -> dict:
+def plan_resize_crop(label, resize_seed, crop_seed, data_config) -> dict:
     """Draws the random resize and crop from the label alone.
 
-    The same draws as `random_resize` then `random_crop` with these seeds;
-    the label crop is gathered through OpenCV's nearest-neighbour index maps
-    for the crop window only, bit for bit what cropping the fully resized
-    label gives.
+    The size from `sample_resize_size(resize_seed)`, the crop from
+    `choose_crop(crop_seed)` on the resized label, as the reference resizes
+    then crops; the label crop is gathered through OpenCV's
+    nearest-neighbour index maps (`nearest_indices`) for the crop window
+    only, bit for bit what cropping the fully resized label gives.
 
     Args:
       label: (H, W) integer label (the image has the same size).
-      resize_seed: seed of `random_resize`.
-      crop_seed: seed of `random_crop`.
-      scale_target: see `random_resize`.
-      ratio_range: see `random_resize`.
-      crop_size: see `random_crop`.
-      cat_max_ratio: see `random_crop`.
-      crop_tries: see `random_crop`.
-      ignore_label: see `random_crop`.
+      resize_seed: stateless seed of the resize, shape [2].
+      crop_seed: stateless seed of the crop, shape [2].
+      data_config: a `fcn_tf.config.DataConfig` (see `sample_resize_size`
+        and `choose_crop`).
 
     Returns:
       dict with int32 "source_size" (H, W), "resized_size", "offset" and
@@ -337,7 +257,7 @@ def plan_resize_crop(
     """
     shape = tf.shape(label)
     h, w = shape[0], shape[1]
-    new_h, new_w = sample_resize_size(h, w, resize_seed, scale_target, ratio_range)
+    new_h, new_w = sample_resize_size(h, w, resize_seed, data_config)
 
     def label_crop(oy, ox, ch, cw, transposed=False):
         rows = nearest_indices(h, new_h, oy, ch)
@@ -346,14 +266,7 @@ def plan_resize_crop(
 
     # The crop rule only counts pixels: the transposed crop will do.
     oy, ox, ch, cw = choose_crop(
-        new_h,
-        new_w,
-        crop_size,
-        crop_seed,
-        lambda *a: label_crop(*a, transposed=True),
-        cat_max_ratio,
-        crop_tries,
-        ignore_label,
+        new_h, new_w, crop_seed, lambda *a: label_crop(*a, transposed=True), data_config
     )
     return {
         "source_size": tf.stack([h, w]),
@@ -422,23 +335,13 @@ def resample_crop(window, window_start, plan: dict) -> tf.Tensor:
     )[0]
 
 
-def random_resize_crop(
-    image,
-    label,
-    resize_seed,
-    crop_seed,
-    scale_target: Size,
-    ratio_range: Sequence[float],
-    crop_size: Size,
-    cat_max_ratio: float,
-    crop_tries: int,
-    ignore_label: int,
-    read_window=None,
-):
-    """`random_resize` then `random_crop`, without resizing the whole image.
+def random_resize_crop(image, label, resize_seed, crop_seed, data_config, read_window=None):
+    """The random keep-ratio resize then the random crop, without resizing the whole image.
 
-    Same random draws, same label crop bit for bit, and the same image crop
-    up to float rounding: see `plan_resize_crop`, `source_window` and
+    The reference resizes the whole image (bilinear, `resize_image`) and
+    label (OpenCV's nearest neighbour), then crops both. Here the same
+    random draws give the same label crop bit for bit, and the same image
+    crop up to float rounding: see `plan_resize_crop`, `source_window` and
     `resample_crop`, which this chains. The crop is planned on the label,
     then only the source window it reads is resampled.
 
@@ -446,32 +349,17 @@ def random_resize_crop(
       image: (H, W, 3) uint8 or float32; unused (may be None) when
         `read_window` is given.
       label: (H, W) integer label.
-      resize_seed: seed of `random_resize`.
-      crop_seed: seed of `random_crop`.
-      scale_target: see `random_resize`.
-      ratio_range: see `random_resize`.
-      crop_size: see `random_crop`.
-      cat_max_ratio: see `random_crop`.
-      crop_tries: see `random_crop`.
-      ignore_label: see `random_crop`.
+      resize_seed: stateless seed of the resize, shape [2].
+      crop_seed: stateless seed of the crop, shape [2].
+      data_config: a `fcn_tf.config.DataConfig` (see `plan_resize_crop`).
       read_window: optional `(start, size) -> (size[0], size[1], 3) image
         window` used instead of slicing `image`, e.g. a JPEG decoder that
         decodes only that window.
 
     Returns:
-      (image float32, label) crops, as `random_crop(*random_resize(...))`.
+      (image float32, label) crops of size min(crop_size, resized size).
     """
-    plan = plan_resize_crop(
-        label,
-        resize_seed,
-        crop_seed,
-        scale_target,
-        ratio_range,
-        crop_size,
-        cat_max_ratio,
-        crop_tries,
-        ignore_label,
-    )
+    plan = plan_resize_crop(label, resize_seed, crop_seed, data_config)
     start, size = source_window(plan)
     if read_window is None:
         window = tf.slice(image, tf.concat([start, [0]], 0), tf.concat([size, [-1]], 0))
@@ -501,84 +389,6 @@ def random_flip(image, label, seed, prob: float):
         lambda: (tf.reverse(image, axis=[1]), tf.reverse(label, axis=[1])),
         lambda: (image, label),
     )
-
-
-# ----------------------------------------------------------- photometric ---
-
-
-def _convert(image, alpha=1.0, beta=0.0):
-    # The reference's `convert`: float * alpha + beta, clip to 0..255, then
-    # `astype(uint8)`, which truncates; floor is the same on 0..255.
-    return tf.floor(tf.clip_by_value(image * alpha + beta, 0.0, 255.0))
-
-
-def _from_hsv_round(image):
-    # OpenCV's HSV -> RGB conversion of uint8 images rounds and saturates.
-    return tf.clip_by_value(tf.round(image), 0.0, 255.0)
-
-
-def photometric_distortion(
-    image,
-    seed,
-    brightness_delta: float = 32.0,
-    contrast_range: Sequence[float] = (0.5, 1.5),
-    saturation_range: Sequence[float] = (0.5, 1.5),
-    hue_delta: int = 18,
-):
-    """mmsegmentation's `PhotoMetricDistortion` (step 4 of the recipe).
-
-    In order: brightness (`beta ~ U(-32, 32)`), p=0.5; contrast
-    (`alpha ~ U(0.5, 1.5)`), p=0.5, either here or last (a fair coin);
-    saturation (`S *= U(0.5, 1.5)`, clipped), p=0.5; hue
-    (`H += randint(-18, 18)` in OpenCV units of 2 degrees, i.e. at most
-    +-36 degrees, wrapping around), p=0.5. Brightness and contrast clip to
-    0..255 and truncate as the reference's uint8 conversion does; the HSV
-    steps round and clip as OpenCV's HSV -> RGB conversion does. The HSV
-    steps use TensorFlow's fused float ops (`adjust_saturation`,
-    `adjust_hue`), not OpenCV's uint8 HSV, so they differ from the reference
-    by at most the uint8 HSV quantization.
-
-    Args:
-      image: (H, W, 3) RGB, float32 (or uint8) on the 0..255 scale.
-      seed: stateless seed, shape [2].
-      brightness_delta: maximum brightness shift.
-      contrast_range: range of the contrast factor.
-      saturation_range: range of the saturation factor.
-      hue_delta: maximum hue shift in OpenCV units (180 per turn).
-
-    Returns:
-      float32 image, same shape, integer values in 0..255.
-    """
-    image = tf.cast(image, tf.float32)
-    s = tf.random.experimental.stateless_split(seed, 9)
-
-    def coin(i):
-        return tf.random.stateless_uniform([], s[i]) < 0.5
-
-    beta = tf.random.stateless_uniform([], s[1], -brightness_delta, brightness_delta)
-    contrast_last = coin(2)
-    apply_contrast = coin(3)
-    alpha = tf.random.stateless_uniform([], s[4], contrast_range[0], contrast_range[1])
-    sat = tf.random.stateless_uniform([], s[6], saturation_range[0], saturation_range[1])
-    # numpy's randint(-d, d) excludes d.
-    hue = tf.random.stateless_uniform([], s[8], -hue_delta, hue_delta, dtype=tf.int32)
-
-    image = tf.cond(coin(0), lambda: _convert(image, beta=beta), lambda: image)
-    image = tf.cond(
-        tf.logical_and(apply_contrast, tf.logical_not(contrast_last)),
-        lambda: _convert(image, alpha=alpha),
-        lambda: image,
-    )
-    image = tf.cond(coin(5), lambda: _from_hsv_round(tf.image.adjust_saturation(image, sat)), lambda: image)
-    image = tf.cond(
-        coin(7),
-        lambda: _from_hsv_round(tf.image.adjust_hue(image, tf.cast(hue, tf.float32) / 180.0)),
-        lambda: image,
-    )
-    image = tf.cond(
-        tf.logical_and(apply_contrast, contrast_last), lambda: _convert(image, alpha=alpha), lambda: image
-    )
-    return image
 
 
 # ------------------------------------------------------ normalize + pad ---
@@ -640,9 +450,9 @@ def pad_to_size(image, label, size: Size, ignore_label: int):
 def train_transform(image, label, seed, data_config, read_window=None):
     """The whole reference train augmentation for one example.
 
-    `random_resize_crop`, `random_flip`, `photometric_distortion` (if
-    `data_config.photometric`), `normalize`, `pad_to_size`, each with its
-    own part of the seed.
+    `random_resize_crop`, `random_flip`,
+    `photometric.photometric_distortion` (if `data_config.photometric`),
+    `normalize`, `pad_to_size`, each with its own part of the seed.
 
     Args:
       image: (H, W, 3) uint8 (or float32 0..255) RGB; unused (may be None)
@@ -658,22 +468,10 @@ def train_transform(image, label, seed, data_config, read_window=None):
     """
     c = data_config
     s = tf.random.experimental.stateless_split(seed, 4)
-    image, label = random_resize_crop(
-        image,
-        label,
-        s[0],
-        s[1],
-        c.scale_target,
-        c.ratio_range,
-        c.crop_size,
-        c.cat_max_ratio,
-        c.crop_tries,
-        c.ignore_label,
-        read_window=read_window,
-    )
+    image, label = random_resize_crop(image, label, s[0], s[1], c, read_window=read_window)
     image, label = random_flip(image, label, s[2], c.flip_prob)
     if c.photometric:
-        image = photometric_distortion(image, s[3])
+        image = photometric.photometric_distortion(image, s[3])
     image = normalize(image, c.mean, c.std)
     image, label = pad_to_size(image, label, c.crop_size, c.ignore_label)
     return image, tf.cast(label, tf.int32)

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from fcn_tf.data import classes, strips, validate
-from fcn_tf.data.builder import SegmentationBuilder, SplitListing
-from fcn_tf.data.validate import BadExampleError, RawExample
+from fcn_tf.data import classes, raw_examples, strips
+from fcn_tf.data.raw_examples import BadExampleError, RawExample
+from fcn_tf.data.tfds_builder import SegmentationBuilder, SplitListing
 
 NUM_CLASSES = classes.num_classes("cityscapes")
 
@@ -39,7 +39,7 @@ NUM_CLASSES = classes.num_classes("cityscapes")
 LABELS = classes.CITYSCAPES_LABELS
 
 # -1 (license plate) is stored as 255 in an 8-bit PNG.
-LABEL_TABLE = validate.lookup_table({label_id % 256: train_id for _, label_id, train_id in LABELS})
+LABEL_TABLE = raw_examples.lookup_table({label_id % 256: train_id for _, label_id, train_id in LABELS})
 
 LAYOUT = (
     "RAW/leftImg8bit/{train,val}/CITY/*_leftImg8bit.png and RAW/gtFine/{train,val}/CITY/*_gtFine_labelIds.png, "
@@ -64,7 +64,7 @@ class _Folder:
         return str(self.root / name)
 
     def read(self, name: str) -> bytes:
-        return validate.read_bytes(self.display(name))
+        return raw_examples.read_bytes(self.display(name))
 
 
 class _Zip:
@@ -76,7 +76,7 @@ class _Zip:
             self.archive = zipfile.ZipFile(path)
             self.members = set(self.archive.namelist())
         except (zipfile.BadZipFile, OSError) as e:
-            raise validate.DatasetLayoutError(f"{path}: cannot open zip ({e})") from None
+            raise raw_examples.DatasetLayoutError(f"{path}: cannot open zip ({e})") from None
 
     def names(self, prefix: str) -> list[str]:
         return sorted(n for n in self.members if n.startswith(prefix + "/") and not n.endswith("/"))
@@ -98,7 +98,7 @@ def _open(manual_dir: Path, folder: str, archive: str):
         return _Folder(manual_dir)
     if (manual_dir / archive).is_file():
         return _Zip(manual_dir / archive)
-    raise validate.DatasetLayoutError(
+    raise raw_examples.DatasetLayoutError(
         f"neither {manual_dir / folder}/ nor {manual_dir / archive} found; expected {LAYOUT}"
     )
 
@@ -124,7 +124,7 @@ def cityscapes_split(images, labels, folder: str) -> SplitListing:
                 image_path=images.display(name),
                 label_path=labels.display(label),
                 read_image=lambda n=name: images.read(n),
-                read_label=lambda n=label: validate.decode_label_png(labels.read(n), labels.display(n)),
+                read_label=lambda n=label: raw_examples.decode_label_png(labels.read(n), labels.display(n)),
             )
         )
     return SplitListing(images.display(f"{prefix}/*/*{_IMAGE_SUFFIX}"), examples)

@@ -1,5 +1,10 @@
 """`build_dataset`: the train and eval input pipelines as `tf.data`.
 
+Every source yields examples in the one encoded shape (`fcn_tf.data.encoded`:
+the image as encoded strips, the label a PNG, the id), decoded inside the
+parallel map by that module only; the examples of a source of decoded
+arrays are encoded as they are read (`encoded.adapt`).
+
 Train: the stream positions 0, 1, 2, ... of this input pipeline -> the
 split index of each (`fcn_tf.data.order`: every epoch a fresh uniform
 permutation of the pipeline's shard, the shards disjoint and covering the
@@ -7,86 +12,24 @@ split) -> that example read by random access (a prepared split through
 its record offsets, `sources.random_access_split`; a `source` dataset
 through `tf.data.experimental.at`) -> parallel deterministic map of the
 reference augmentation with a per-example stateless seed derived from
-(seed, pipeline id, position) -> batch per replica -> prefetch. Because
+(seed, pipeline id, position), the crop planned on the label and only the
+image window it reads decoded -> batch per replica -> prefetch. Because
 an element depends only on its position in the stream, `tf.train.Checkpoint(
 iterator=...)` restores the stream exactly, and the iterator is
 checkpointed symbolically: its saved state is the positions, a few
 kilobytes, not the encoded or decoded examples in flight.
 
-Eval: one pass, the image resized keeping its ratio to `eval_target` and
-normalized, the label untouched at its original size, batch 1.
-
-Sources yield dicts with `"image"` (uint8 (H, W, 3)) and `"label"` (uint8
-(H, W)), or encoded `"image_bytes"` (JPEG/PNG) or `"image_strips"` +
-`"strip_height"` (horizontal PNG strips, `fcn_tf.data.strips`) and
-`"label_bytes"` (single-channel PNG of class ids), which are then decoded
-inside the parallel map; `"image_id"` is optional.
+Eval: one pass over the split in stored (sorted id) order
+(`sources.encoded_split`), sharded by input pipeline; the image resized
+keeping its ratio to `eval_target` and normalized, the label untouched at
+its original size, batch 1.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from fcn_tf.data import augment, order, records, strips
-
-
-def decode_example(example: dict) -> tuple[tf.Tensor, tf.Tensor]:
-    """Returns (image uint8 (H, W, 3), label uint8 (H, W)) of a source element.
-
-    Args:
-      example: a dict with "image"/"label" tensors or "image_bytes" (or
-        "image_strips") / "label_bytes" encoded files (the label a
-        single-channel PNG of class ids; palette PNGs would decode to
-        colours).
-    """
-    if "image" in example:
-        image = example["image"]
-    elif "image_strips" in example:
-        image = strips.decode_strips(example["image_strips"])
-    else:
-        image = tf.io.decode_image(example["image_bytes"], channels=3, expand_animations=False)
-    return tf.ensure_shape(image, [None, None, 3]), decode_label(example)
-
-
-def decode_label(example: dict) -> tf.Tensor:
-    """The uint8 (H, W) label of a source element ("label" or "label_bytes")."""
-    if "label" in example:
-        label = example["label"]
-    else:
-        label = tf.io.decode_png(example["label_bytes"], channels=1)[..., 0]
-    return tf.ensure_shape(label, [None, None])
-
-
-def window_reader(example):
-    """`(start, size) -> image window` that decodes only what the crop reads.
-
-    PNG strips: only the strips the window meets (`strips.read_window`).
-    JPEGs are decoded window only (`decode_and_crop_jpeg`); other formats
-    are decoded whole and sliced. All give the same pixels as decoding
-    everything and slicing.
-
-    Args:
-      example: a source element with "image_bytes" or "image_strips" and
-        "strip_height".
-    """
-    if "image_strips" in example:
-        return lambda start, size: strips.read_window(
-            example["image_strips"], example["strip_height"], start, size
-        )
-    image_bytes = example["image_bytes"]
-
-    def read(start, size):
-        def jpeg():
-            window = tf.concat([start, size], 0)
-            return tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
-
-        def other():
-            image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-            return tf.slice(image, tf.concat([start, [0]], 0), tf.concat([size, [-1]], 0))
-
-        return tf.ensure_shape(tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other), [None, None, 3])
-
-    return read
+from fcn_tf.data import augment, encoded, order, records, sources
 
 
 def _pipeline_ids(input_context) -> tuple[int, int]:
@@ -100,7 +43,11 @@ def _random_access(source) -> records.RandomAccessSplit:
 
     `tf.data.experimental.at` reads element `i` directly from datasets that
     support random access (`from_tensor_slices`, `from_tensors`,
-    `concatenate`, `map`, `range`, ...).
+    `concatenate`, `map`, `range`, ...). Through a `map` whose function
+    computes something, TensorFlow 2.21 crashes (segmentation fault) once a
+    second pipeline reads the same source object, e.g. a test comparing two
+    runs: sources are best built from slices (`encoded.from_files` takes n
+    examples at once).
     """
     if isinstance(source, records.RandomAccessSplit):
         return source
@@ -110,7 +57,9 @@ def _random_access(source) -> records.RandomAccessSplit:
             "a training source must have a known, finite number of elements (tf.data cardinality "
             f"{count}): the training order permutes its indices"
         )
-    return records.RandomAccessSplit(count, lambda i: tf.data.Dataset.from_tensors(tf.data.experimental.at(source, i)))
+    return records.RandomAccessSplit(
+        count, lambda i: tf.data.Dataset.from_tensors(tf.data.experimental.at(source, i))
+    )
 
 
 def training_examples(data_config, input_context=None, source=None) -> tf.data.Dataset:
@@ -118,29 +67,80 @@ def training_examples(data_config, input_context=None, source=None) -> tf.data.D
 
     Position `t` (int64) reads split index `order.example_index(t, ...)`:
     every epoch a fresh uniform permutation of this pipeline's shard
-    (`fcn_tf.data.order`). `build_dataset` augments this stream.
+    (`fcn_tf.data.order`); the example is in the encoded shape
+    (`fcn_tf.data.encoded`). `build_dataset` augments this stream.
 
     Args:
       data_config: a `fcn_tf.config.DataConfig` (dataset, split, seed).
       input_context: a `tf.distribute.InputContext`, or None for one pipeline.
       source: None (the prepared train split, `sources.random_access_split`),
-        a `records.RandomAccessSplit`, or a finite `tf.data.Dataset` that
-        supports `tf.data.experimental.at`.
+        a `records.RandomAccessSplit`, or a finite `tf.data.Dataset` (of
+        encoded examples or decoded arrays) that supports
+        `tf.data.experimental.at`.
     """
     if source is None:
-        from fcn_tf.data import sources
-
         source = sources.random_access_split(data_config, data_config.train_split)
     split = _random_access(source)
     num_pipelines, pipeline_id = _pipeline_ids(input_context)
     # One sequential read per element (a seek and one record); the decode
     # and augmentation run after it in the parallel map.
     return order.training_order(split.num_examples, data_config.seed, num_pipelines, pipeline_id).flat_map(
-        lambda position, index: split.read(index).map(lambda example: (position, example))
+        lambda position, index: split.read(index).map(lambda example: (position, encoded.adapt(example)))
     )
 
 
-def build_dataset(data_config, training: bool, input_context=None, source: tf.data.Dataset | None = None):
+def _train_dataset(c, input_context, source) -> tf.data.Dataset:
+    batch = c.global_batch_size
+    if input_context is not None:
+        batch = input_context.get_per_replica_batch_size(c.global_batch_size)
+    # The stream position seeds the augmentation: an element is a function
+    # of its position alone.
+    base_seed = tf.constant([c.seed, _pipeline_ids(input_context)[1]], tf.int64)
+
+    def transform(position, example):
+        seed = tf.random.experimental.stateless_fold_in(base_seed, position)
+        # The crop is planned on the label, then only the image window it
+        # reads is decoded and resampled.
+        return augment.train_transform(
+            None,
+            encoded.decode_label(example),
+            seed,
+            c,
+            read_window=lambda start, size: encoded.read_window(example, start, size),
+        )
+
+    ds = training_examples(c, input_context, source)
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch, drop_remainder=True)
+
+
+def _eval_dataset(c, input_context, source, max_examples: int) -> tf.data.Dataset:
+    ds = source if source is not None else sources.encoded_split(c, c.eval_split)
+    if max_examples:
+        ds = ds.take(max_examples)
+    num_pipelines, pipeline_id = _pipeline_ids(input_context)
+    if num_pipelines > 1:
+        ds = ds.shard(num_pipelines, pipeline_id)
+
+    def transform(example):
+        example = encoded.decode(encoded.adapt(example))
+        return {
+            "image": augment.eval_transform(example["image"], c),
+            "label": tf.cast(example["label"], tf.int32),
+            "image_id": example["image_id"],
+        }
+
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(1)
+
+
+def build_dataset(
+    data_config,
+    training: bool,
+    input_context=None,
+    source: tf.data.Dataset | None = None,
+    max_examples: int = 0,
+):
     """Builds the train or eval `tf.data.Dataset` of an experiment.
 
     Args:
@@ -152,58 +152,24 @@ def build_dataset(data_config, training: bool, input_context=None, source: tf.da
       input_context: a `tf.distribute.InputContext` (from
         `distribute_datasets_from_function`): the source is sharded by input
         pipeline and batched per replica. None: one pipeline, global batch.
-      source: the raw examples (see module docstring); defaults to the
-        prepared train split (read by random access) or eval split (read
-        in sorted order) of `data_config`. For training it must be finite
-        and support `tf.data.experimental.at` (from_tensor_slices,
-        from_tensors + concatenate, map, ...), or be a
+      source: the raw examples, encoded (`fcn_tf.data.encoded`) or decoded
+        arrays; defaults to the prepared train split (read by random
+        access) or eval split (read in sorted order) of `data_config`. For
+        training it must be finite and support `tf.data.experimental.at`
+        (from_tensor_slices, from_tensors + concatenate, map, ...), or be a
         `records.RandomAccessSplit`.
+      max_examples: eval only: the first `max_examples` examples of the
+        source, before sharding (0: all).
 
     Returns:
       the `tf.data.Dataset`.
     """
-    c = data_config
-    num_pipelines, pipeline_id = _pipeline_ids(input_context)
+    if training and max_examples:
+        raise ValueError("max_examples limits the evaluation pass; the training stream is infinite")
     if training:
-        batch = c.global_batch_size
-        if input_context is not None:
-            batch = input_context.get_per_replica_batch_size(c.global_batch_size)
-        ds = training_examples(c, input_context, source)
-        # The stream position seeds the augmentation: an element is a
-        # function of its position alone.
-        base_seed = tf.constant([c.seed, pipeline_id], tf.int64)
-
-        def transform(position, example):
-            seed = tf.random.experimental.stateless_fold_in(base_seed, position)
-            label = decode_label(example)
-            if "image" in example:
-                return augment.train_transform(example["image"], label, seed, c)
-            # Encoded source: the crop is planned on the label, then only the
-            # image window it reads is decoded (JPEG) and resampled.
-            return augment.train_transform(None, label, seed, c, read_window=window_reader(example))
-
-        ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.batch(batch, drop_remainder=True)
+        ds = _train_dataset(data_config, input_context, source)
     else:
-        if source is None:
-            from fcn_tf.data import sources
-
-            source = sources.encoded_split(c, c.eval_split)
-        ds = source
-        if num_pipelines > 1:
-            ds = ds.shard(num_pipelines, pipeline_id)
-
-        def transform(example):
-            image, label = decode_example(example)
-            image_id = example["image_id"] if "image_id" in example else tf.constant("")
-            return {
-                "image": augment.eval_transform(image, c),
-                "label": tf.cast(label, tf.int32),
-                "image_id": image_id,
-            }
-
-        ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.batch(1)
+        ds = _eval_dataset(data_config, input_context, source, max_examples)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = True

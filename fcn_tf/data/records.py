@@ -61,7 +61,9 @@ def record_offsets(path: str) -> np.ndarray:
             offsets.append(position)
             position += _HEADER + length + _FOOTER
         if position != size:
-            raise CorruptShardError(f"{path}: the last record ends at byte {position}, past the file's {size}")
+            raise CorruptShardError(
+                f"{path}: the last record ends at byte {position}, past the file's {size}"
+            )
     return np.asarray(offsets, np.int64)
 
 
@@ -98,7 +100,9 @@ def load_offsets(dataset_dir: str, shard_files: list[str]) -> dict[str, np.ndarr
             stored = np.load(io.BytesIO(f.read()))
             if all(name in stored for name in names):
                 return {name: stored[name] for name in names}
-    logging.info("%s: no record index (prepared by an older fcn_tf); reading the shards' record headers", path)
+    logging.info(
+        "%s: no record index (prepared by an older fcn_tf); reading the shards' record headers", path
+    )
     return {os.path.basename(f): record_offsets(f) for f in shard_files}
 
 

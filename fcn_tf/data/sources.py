@@ -2,9 +2,11 @@
 
 `prepare` builds one dataset from the files a user has on disk (the
 "manual directory") into DATA_DIR/NAME/VERSION, with the byte offset of
-every stored example (`fcn_tf.data.records`); `load_split` reads a split
-back in its stored (sorted) order, `random_access_split` gives example `i`
-on demand for the training order, and `num_examples` counts.
+every stored example (`fcn_tf.data.records`). A prepared split is read
+with its image and label still encoded, as the one source contract
+(`fcn_tf.data.encoded`): `encoded_split` in its stored (sorted) order,
+`random_access_split` example `i` on demand for the training order;
+`load_split` is `encoded_split` decoded, and `num_examples` counts.
 DataConfig.dataset names the builder:
 
   voc_aug     fcn_tf.data.voc.VocAug            -> DATA_DIR/voc_aug/1.0.0
@@ -29,12 +31,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from fcn_tf.config import DataConfig
-from fcn_tf.data import records, strips, validate
+from fcn_tf.data import encoded, raw_examples, records
 from fcn_tf.data.ade20k import Ade20k
-from fcn_tf.data.builder import SegmentationBuilder
 from fcn_tf.data.cityscapes import Cityscapes
+from fcn_tf.data.raw_examples import BadExampleError
 from fcn_tf.data.synthetic import Synthetic
-from fcn_tf.data.validate import BadExampleError
+from fcn_tf.data.tfds_builder import SegmentationBuilder
 from fcn_tf.data.voc import VocAug
 
 BUILDERS: dict[str, type[SegmentationBuilder]] = {
@@ -108,16 +110,16 @@ def prepare(
       A PrepareResult.
 
     Raises:
-      validate.DatasetLayoutError: missing folders or split lists, or a split
+      raw_examples.DatasetLayoutError: missing folders or split lists, or a split
         left empty (also after skipping bad examples).
-      builder.CountMismatchError: split sizes differ from the real dataset.
+      tfds_builder.CountMismatchError: split sizes differ from the real dataset.
       BadExampleError: a bad example (without `skip_bad_examples`).
     """
     cls = builder_class(dataset)
     manual_dir = Path(manual_dir).expanduser()
     data_dir = Path(data_dir).expanduser()
     if not manual_dir.is_dir() or not any(manual_dir.iterdir()):
-        raise validate.DatasetLayoutError(
+        raise raw_examples.DatasetLayoutError(
             f"{manual_dir}: manual directory is missing or empty. {cls.MANUAL_DOWNLOAD_INSTRUCTIONS}"
         )
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -179,63 +181,56 @@ def _builder(data_config: DataConfig) -> SegmentationBuilder:
     return builder
 
 
-def load_split(
-    data_config: DataConfig,
-    split: str,
-    *,
-    shuffle_files: bool = False,
-    read_config: tfds.ReadConfig | None = None,
-    decoders: dict | None = None,
-) -> tf.data.Dataset:
-    """The prepared examples of one split, decoded.
+def _decoders(features) -> dict:
+    # The image and label stay encoded: the pipelines decode them (the
+    # training crop only where it reads). The strips are a tf.string
+    # tensor feature, left encoded anyway.
+    return {name: tfds.decode.SkipDecoding() for name in ("image", "label") if name in features}
+
+
+def _as_contract(stored: dict) -> dict:
+    """A stored example, image and label still encoded, in the one source contract (`fcn_tf.data.encoded`)."""
+    if "image_strips" in stored:
+        return encoded.from_strips(
+            stored["image_strips"], stored["strip_height"], stored["label"], stored["image_id"]
+        )
+    return encoded.from_files(stored["image"], stored["label"], stored["image_id"])
+
+
+def encoded_split(data_config: DataConfig, split: str) -> tf.data.Dataset:
+    """One pass over a split in stored (sorted id) order, image and label left encoded.
 
     Args:
       data_config: names the dataset and its data_dir.
       split: a TFDS split ("train", "validation", or a slice like "train[:10]").
-      shuffle_files: shuffle the order of the TFRecord files.
-      read_config: TFDS read options (e.g. `input_context` for per-worker
-        file sharding); defaults to TFDS's.
-      decoders: TFDS decoders, e.g. `{"image": tfds.decode.SkipDecoding()}`
-        to get the encoded image bytes and decode later (a crop-aware
-        `tf.image.decode_and_crop_jpeg`); default: decode everything.
 
     Returns:
-      A tf.data.Dataset of {"image": uint8 (H, W, 3), "label": uint8 (H, W)
-      in model space (0..C-1, ignore 255), "image_id": tf.string} (a feature
-      skipped by `decoders` stays an encoded tf.string scalar). A dataset
-      stored in strips (Cityscapes) is reassembled into "image" exactly;
-      with "image" skipped it gives "image_strips" (tf.string (n,)) and
-      "strip_height" instead (`fcn_tf.data.strips`).
+      A tf.data.Dataset of encoded examples (`fcn_tf.data.encoded`).
 
     Raises:
       DatasetNotPreparedError: the message gives the prepare_data.py command.
     """
     builder = _builder(data_config)
-    features = builder.info.features
-    in_strips = "image_strips" in features
-    keep_strips = in_strips and decoders is not None and "image" in decoders
-    if decoders is not None:
-        # The strips are a tf.string tensor feature: nothing to skip there.
-        decoders = {key: value for key, value in decoders.items() if key in features} or None
-    ds = builder.as_dataset(
-        split=split, shuffle_files=shuffle_files, read_config=read_config, decoders=decoders
-    )
+    ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_decoders(builder.info.features))
+    return ds.map(_as_contract, num_parallel_calls=tf.data.AUTOTUNE)
 
-    def squeeze(example):
-        label = example["label"]
-        # The stored label is (H, W, 1); the contract is (H, W).
-        if label.dtype == tf.uint8:
-            label = label[..., 0]
-        out = {"label": label, "image_id": example["image_id"]}
-        if keep_strips:
-            out.update(image_strips=example["image_strips"], strip_height=example["strip_height"])
-        elif in_strips:
-            out["image"] = strips.decode_strips(example["image_strips"])
-        else:
-            out["image"] = example["image"]
-        return out
 
-    return ds.map(squeeze, num_parallel_calls=tf.data.AUTOTUNE)
+def load_split(data_config: DataConfig, split: str) -> tf.data.Dataset:
+    """One pass over a split in stored (sorted id) order, decoded (`encoded.decode`).
+
+    Args:
+      data_config: names the dataset and its data_dir.
+      split: a TFDS split or slice.
+
+    Returns:
+      A tf.data.Dataset of {"image": uint8 (H, W, 3), "label": uint8 (H, W)
+      in model space (0..C-1, ignore 255), "image_id": tf.string}; images
+      stored in strips (Cityscapes) are reassembled exactly.
+
+    Raises:
+      DatasetNotPreparedError: the message gives the prepare_data.py command.
+    """
+    return encoded_split(data_config, split).map(encoded.decode, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def num_examples(data_config: DataConfig, split: str) -> int:
@@ -248,42 +243,15 @@ def num_examples(data_config: DataConfig, split: str) -> int:
     return _builder(data_config).info.splits[split].num_examples
 
 
-def _encoded_contract(example: dict, in_strips: bool) -> dict:
-    """A stored example with image and label still encoded, in `build_dataset`'s source contract."""
-    label = example["label"]
-    out = {"label_bytes": label, "image_id": example["image_id"]}
-    if in_strips:
-        out.update(image_strips=example["image_strips"], strip_height=example["strip_height"])
-    else:
-        out["image_bytes"] = example["image"]
-    return out
-
-
-def encoded_split(data_config: DataConfig, split: str) -> tf.data.Dataset:
-    """One pass over a split in stored (sorted id) order, image and label left encoded.
+def random_access_split(data_config: DataConfig, split: str) -> records.RandomAccessSplit:
+    """Example `i` of a prepared split on demand (`fcn_tf.data.records`), still encoded.
 
     Args:
       data_config: names the dataset and its data_dir.
       split: a TFDS split or slice.
 
     Returns:
-      A tf.data.Dataset of {"label_bytes", "image_id" and "image_bytes" or
-      "image_strips" + "strip_height"} (`fcn_tf.data.pipeline`'s source
-      contract), decoded later by the pipeline.
-    """
-    in_strips = "image_strips" in _builder(data_config).info.features
-    # "image" skipped keeps strips as strips (see load_split).
-    skip = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
-    ds = load_split(data_config, split, decoders=skip)
-    return ds.map(lambda e: _encoded_contract(e, in_strips), num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def random_access_split(data_config: DataConfig, split: str) -> records.RandomAccessSplit:
-    """Example `i` of a prepared split on demand (`fcn_tf.data.records`).
-
-    Args:
-      data_config: names the dataset and its data_dir.
-      split: a TFDS split or slice.
+      A RandomAccessSplit of encoded examples (`fcn_tf.data.encoded`).
 
     Raises:
       DatasetNotPreparedError: the message gives the prepare_data.py command.
@@ -293,14 +261,11 @@ def random_access_split(data_config: DataConfig, split: str) -> records.RandomAc
     info = builder.info.splits[split]
     index = records.split_index(builder.data_path, info.file_instructions)
     features = builder.info.features
-    in_strips = "image_strips" in features
-    decoders = {name: tfds.decode.SkipDecoding() for name in ("image", "label") if name in features}
+    decoders = _decoders(features)
 
     def read(i):
         return records.read_record(index, i).map(
-            lambda serialized: _encoded_contract(
-                features.deserialize_example(serialized, decoders=decoders), in_strips
-            )
+            lambda serialized: _as_contract(features.deserialize_example(serialized, decoders=decoders))
         )
 
     return records.RandomAccessSplit(num_examples=len(index), read=read)

@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from fcn_tf.data import classes, png, validate
-from fcn_tf.data.builder import SegmentationBuilder, SplitListing, read_split_file
+from fcn_tf.data import classes, png, raw_examples
+from fcn_tf.data.tfds_builder import SegmentationBuilder, SplitListing, read_split_file
 from fcn_tf.data.voc import find_voc_root, voc_split
 
 NUM_CLASSES = len(classes.SYNTHETIC_NAMES)
-LABEL_TABLE = validate.lookup_table({**{k: k for k in range(NUM_CLASSES)}, 255: 255})
+LABEL_TABLE = raw_examples.lookup_table({**{k: k for k in range(NUM_CLASSES)}, 255: 255})
 DISC, SQUARE, TRIANGLE, RING = 1, 2, 3, 4
 
 # Colour tendency of each shape class (RGB), jittered per shape.
@@ -112,7 +112,7 @@ def generate_example(rng: np.random.Generator, height: int, width: int) -> tuple
     edge[:-1] |= label[:-1] != label[1:]
     edge[:, 1:] |= label[:, 1:] != label[:, :-1]
     edge[:, :-1] |= label[:, :-1] != label[:, 1:]
-    label[edge] = validate.IGNORE_LABEL
+    label[edge] = raw_examples.IGNORE_LABEL
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 

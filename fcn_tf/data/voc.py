@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from fcn_tf.data import classes, validate
-from fcn_tf.data.builder import SegmentationBuilder, SplitListing, read_split_file
-from fcn_tf.data.validate import BadExampleError, RawExample
+from fcn_tf.data import classes, raw_examples
+from fcn_tf.data.raw_examples import BadExampleError, RawExample
+from fcn_tf.data.tfds_builder import SegmentationBuilder, SplitListing, read_split_file
 
 NUM_CLASSES = classes.num_classes("voc_aug")
 # Raw VOC/SBD values are already model classes; 255 is VOC's boundary band.
-LABEL_TABLE = validate.lookup_table({**{k: k for k in range(NUM_CLASSES)}, 255: 255})
+LABEL_TABLE = raw_examples.lookup_table({**{k: k for k in range(NUM_CLASSES)}, 255: 255})
 
 VOC_LAYOUT = "RAW/VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation}"
 SBD_LAYOUT = "RAW/benchmark_RELEASE/dataset/{img,cls,train.txt,val.txt}"
@@ -46,7 +46,7 @@ def find_voc_root(manual_dir: Path) -> Path:
         if (c / "ImageSets" / "Segmentation").is_dir():
             return c
     tried = ", ".join(str(c) for c in candidates)
-    raise validate.DatasetLayoutError(
+    raise raw_examples.DatasetLayoutError(
         f"no VOC2012 folder with ImageSets/Segmentation (tried {tried}); expected {VOC_LAYOUT}"
     )
 
@@ -87,9 +87,11 @@ def raw_example(image_id: str, image: Path, label: Path) -> RawExample:
     def read_label():
         if label.suffix == ".mat":
             return read_sbd_mat(str(label))
-        return validate.decode_label_png(validate.read_bytes(str(label)), str(label))
+        return raw_examples.decode_label_png(raw_examples.read_bytes(str(label)), str(label))
 
-    return RawExample(image_id, str(image), str(label), lambda: validate.read_bytes(str(image)), read_label)
+    return RawExample(
+        image_id, str(image), str(label), lambda: raw_examples.read_bytes(str(image)), read_label
+    )
 
 
 def voc_split(voc_root: Path, ids: list[str], label_dir: Path | None = None) -> list[RawExample]:
@@ -137,7 +139,7 @@ def _merged_train(voc_root: Path, aug_dir: Path, voc_val: list[str]) -> SplitLis
     ids = read_split_file(split_file)
     leaked = sorted(set(ids) & set(voc_val))
     if leaked:
-        raise validate.DatasetLayoutError(
+        raise raw_examples.DatasetLayoutError(
             f"{split_file}: lists {len(leaked)} validation ids (e.g. {leaked[0]}); trainaug must exclude VOC val"
         )
     examples = voc_split(voc_root, ids, label_dir=aug_dir)
@@ -173,7 +175,7 @@ class VocAug(SegmentationBuilder):
         elif aug_dir is not None:
             train = _merged_train(voc_root, aug_dir, voc_val)
         else:
-            raise validate.DatasetLayoutError(
+            raise raw_examples.DatasetLayoutError(
                 f"no trainaug source under {manual_dir}: expected SBD ({SBD_LAYOUT}) or "
                 "VOCdevkit/VOC2012/SegmentationClassAug/ with ImageSets/Segmentation/trainaug.txt"
             )

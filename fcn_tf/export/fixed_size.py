@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from fcn_tf import metrics
-from fcn_tf.data import augment, pipeline, sources, synthetic
+from fcn_tf.data import augment, sources, synthetic
 from fcn_tf.export import litert, onnx
 from fcn_tf.export.common import (
     ExportError,
@@ -325,9 +325,8 @@ def evaluate(runner: Runner, config, split: str | None = None, limit: int | None
     if limit is not None:
         dataset = dataset.take(limit)
     for example in dataset:
-        image, label = pipeline.decode_example(example)
-        logits = logits_at_image_size(runner, image)
-        matrix.update(label.numpy(), tf.argmax(logits, -1).numpy())
+        logits = logits_at_image_size(runner, example["image"])
+        matrix.update(example["label"].numpy(), tf.argmax(logits, -1).numpy())
     return matrix.result()
 
 

@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from fcn_tf.config import DataConfig
-from fcn_tf.data import ade20k, classes, sources, validate
+from fcn_tf.data import ade20k, classes, raw_examples, sources
 
 TESTDATA = Path(__file__).resolve().parents[1] / "testdata"
 _spec = importlib.util.spec_from_file_location("make_fixtures", TESTDATA / "make_fixtures.py")
@@ -54,7 +54,7 @@ def test_lookup_table_entries():
     table = ade20k.LABEL_TABLE
     assert table[0] == 255
     assert all(table[k] == k - 1 for k in range(1, 151))
-    assert all(table[k] == validate.INVALID for k in range(151, 256))
+    assert all(table[k] == raw_examples.INVALID for k in range(151, 256))
 
 
 def test_class_table_matches_the_reference():
@@ -68,5 +68,5 @@ def test_class_table_matches_the_reference():
 def test_missing_image_folder_is_a_layout_error(tmp_path):
     raw = tmp_path / "raw" / "ADEChallengeData2016" / "images" / "training"
     raw.mkdir(parents=True)
-    with pytest.raises(validate.DatasetLayoutError, match=r"images/validation"):
+    with pytest.raises(raw_examples.DatasetLayoutError, match=r"images/validation"):
         sources.prepare("ade20k", tmp_path / "raw", tmp_path / "out", allow_count_mismatch=True)

@@ -10,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from fcn_tf.config import DataConfig
-from fcn_tf.data import cityscapes, classes, sources, validate
+from fcn_tf.data import cityscapes, classes, raw_examples, sources
 
 TESTDATA = Path(__file__).resolve().parents[1] / "testdata"
 _spec = importlib.util.spec_from_file_location("make_fixtures", TESTDATA / "make_fixtures.py")
@@ -66,7 +66,7 @@ def test_table_has_every_official_label_and_train_id():
 def test_lookup_table_matches_the_official_table_for_all_256_values():
     for raw in range(256):
         label_id = -1 if raw == 255 else raw
-        expected = OFFICIAL_TRAIN_IDS.get(label_id, validate.INVALID)
+        expected = OFFICIAL_TRAIN_IDS.get(label_id, raw_examples.INVALID)
         assert cityscapes.LABEL_TABLE[raw] == expected, raw
 
 
@@ -91,7 +91,9 @@ def test_unreadable_zip_is_a_layout_error(tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "leftImg8bit_trainvaltest.zip").write_bytes(b"not a zip")
     (tmp_path / "raw" / "gtFine").mkdir()
-    with pytest.raises(validate.DatasetLayoutError, match=r"leftImg8bit_trainvaltest\.zip: cannot open zip"):
+    with pytest.raises(
+        raw_examples.DatasetLayoutError, match=r"leftImg8bit_trainvaltest\.zip: cannot open zip"
+    ):
         sources.prepare("cityscapes", tmp_path / "raw", tmp_path / "out", allow_count_mismatch=True)
 
 

@@ -8,7 +8,7 @@ import tensorflow as tf
 from scipy import stats
 
 from fcn_tf.config import DataConfig
-from fcn_tf.data import build_dataset, order, records
+from fcn_tf.data import build_dataset, encoded, order, records
 from fcn_tf.data.pipeline import training_examples
 
 NUM = 20_000
@@ -107,9 +107,7 @@ def test_build_dataset_augments_the_examples_of_the_order():
     num = 7
     labels = [tf.io.encode_png(np.full((20, 24, 1), k, np.uint8)).numpy() for k in range(num)]
     images = [tf.io.encode_png(np.full((20, 24, 3), 9 * k, np.uint8)).numpy() for k in range(num)]
-    source = tf.data.Dataset.from_tensor_slices(
-        {"image_bytes": images, "label_bytes": labels, "image_id": [str(k) for k in range(num)]}
-    )
+    source = tf.data.Dataset.from_tensor_slices(encoded.from_files(images, labels, [str(k) for k in range(num)]))
     cfg = DataConfig(
         crop_size=(16, 16),
         scale_target=(24, 20),
@@ -144,9 +142,7 @@ def _tiny_encoded(num):
 
 def memory_source(num):
     image, label = _tiny_encoded(num)
-    return tf.data.Dataset.from_tensor_slices(
-        {"image_bytes": [image] * num, "label_bytes": [label] * num, "image_id": sorted_ids(num)}
-    )
+    return tf.data.Dataset.from_tensor_slices(encoded.from_files([image] * num, [label] * num, sorted_ids(num)))
 
 
 def record_source(num, directory):
@@ -168,7 +164,7 @@ def record_source(num, directory):
     def read(i):
         def parse(serialized):
             e = tf.io.parse_single_example(serialized, spec)
-            return {"image_bytes": e["image"], "label_bytes": e["label"], "image_id": e["image_id"]}
+            return encoded.from_files(e["image"], e["label"], e["image_id"])
 
         return records.read_record(index, i).map(parse)
 

@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from fcn_tf.config import DataConfig
-from fcn_tf.data import classes, png, sources, validate
+from fcn_tf.data import classes, png, raw_examples, sources
 
 TESTDATA = Path(__file__).resolve().parents[1] / "testdata"
 REPO = TESTDATA.parents[1]
@@ -90,7 +90,7 @@ BAD_VOC_INPUTS = {
 def test_bad_example_stops_with_the_file_named(case, voc_raw, tmp_path):
     relative, damage, problem = BAD_VOC_INPUTS[case]
     damage(voc_raw / relative)
-    with pytest.raises(validate.BadExampleError) as info:
+    with pytest.raises(raw_examples.BadExampleError) as info:
         _prepare("voc_aug", voc_raw, tmp_path / "out")
     assert info.value.path == str(voc_raw / relative)
     assert problem in str(info.value)
@@ -105,7 +105,7 @@ def test_ade20k_label_above_150_is_bad(tmp_path):
     label[0, :2] = [151, 200]
     bad.write_bytes(fixtures._png(label))
     with pytest.raises(
-        validate.BadExampleError, match=r"ADE_val_00000002\.png: label values not defined.*151, 200"
+        raw_examples.BadExampleError, match=r"ADE_val_00000002\.png: label values not defined.*151, 200"
     ):
         _prepare("ade20k", raw, tmp_path / "out")
     _assert_nothing_written(tmp_path / "out")
@@ -118,7 +118,9 @@ def test_cityscapes_unknown_label_id_is_bad(tmp_path):
     label = fixtures.raw_label("cityscapes", "bochum_000000_000313")
     label[2, 2] = 34
     bad.write_bytes(fixtures._png(label))
-    with pytest.raises(validate.BadExampleError, match=r"bochum_000000_000313_gtFine_labelIds\.png: .*: 34$"):
+    with pytest.raises(
+        raw_examples.BadExampleError, match=r"bochum_000000_000313_gtFine_labelIds\.png: .*: 34$"
+    ):
         _prepare("cityscapes", raw, tmp_path / "out")
     _assert_nothing_written(tmp_path / "out")
 
@@ -127,7 +129,9 @@ def test_colour_label_png_is_rejected(voc_raw, tmp_path):
     path = voc_raw / VOC / "SegmentationClass" / f"{VOC_ID}.png"
     rgb = classes.voc_colormap(256)[fixtures.raw_label("voc", VOC_ID)]
     path.write_bytes(fixtures._png(rgb))  # RGB, the way some tools save VOC labels
-    with pytest.raises(validate.BadExampleError, match=r"colour type 2.*expected 8-bit palette or grayscale"):
+    with pytest.raises(
+        raw_examples.BadExampleError, match=r"colour type 2.*expected 8-bit palette or grayscale"
+    ):
         _prepare("voc_aug", voc_raw, tmp_path / "out")
 
 
@@ -136,7 +140,7 @@ def test_colour_label_png_is_rejected(voc_raw, tmp_path):
 )
 def test_empty_split_list_is_an_error(split_file, voc_raw, tmp_path):
     (voc_raw / split_file).write_text("\n\n")
-    with pytest.raises(validate.DatasetLayoutError, match=rf"{split_file}: split list is empty"):
+    with pytest.raises(raw_examples.DatasetLayoutError, match=rf"{split_file}: split list is empty"):
         _prepare("voc_aug", voc_raw, tmp_path / "out")
     _assert_nothing_written(tmp_path / "out")
 
@@ -147,7 +151,7 @@ def test_empty_image_folder_is_an_error(tmp_path):
     for image in (raw / "ADEChallengeData2016/images/validation").iterdir():
         image.unlink()
     with pytest.raises(
-        validate.DatasetLayoutError, match=r"images/validation/\*\.jpg: split 'validation' is empty"
+        raw_examples.DatasetLayoutError, match=r"images/validation/\*\.jpg: split 'validation' is empty"
     ):
         _prepare("ade20k", raw, tmp_path / "out")
 
@@ -172,7 +176,7 @@ def test_skip_flag_skips_and_counts(voc_raw, tmp_path):
 def test_a_split_emptied_by_skipping_is_an_error(voc_raw, tmp_path):
     for image_id in fixtures.VOC_VAL:
         _corrupt(voc_raw / VOC / "JPEGImages" / f"{image_id}.jpg")
-    with pytest.raises(validate.DatasetLayoutError, match=r"'validation' left empty after skipping 2"):
+    with pytest.raises(raw_examples.DatasetLayoutError, match=r"'validation' left empty after skipping 2"):
         _prepare("voc_aug", voc_raw, tmp_path / "out", skip_bad_examples=True)
     _assert_nothing_written(tmp_path / "out")
 
@@ -188,7 +192,7 @@ def test_failure_leaves_an_existing_dataset_untouched_and_success_replaces_it(vo
     good = _prepare("voc_aug", voc_raw, out)
     before = _snapshot(out)
     _corrupt(voc_raw / VOC / "JPEGImages" / f"{VAL_ID}.jpg")
-    with pytest.raises(validate.BadExampleError):
+    with pytest.raises(raw_examples.BadExampleError):
         _prepare("voc_aug", voc_raw, out)
     assert _snapshot(out) == before
     config = DataConfig(dataset="voc_aug", data_dir=str(out))
@@ -220,6 +224,9 @@ def test_script_stops_on_bad_input_naming_the_file(voc_raw, tmp_path):
     failed = _run_script(*_script_args(voc_raw, tmp_path / "out"))
     assert failed.returncode != 0
     assert f"error: bad example {bad}: corrupt or truncated image" in failed.stderr
+    # One line says it all: what, where, and that nothing was written.
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: bad example {bad}") and last.endswith("skips and counts them)"), last
     _assert_nothing_written(tmp_path / "out")
 
 

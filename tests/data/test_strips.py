@@ -96,15 +96,14 @@ def _original(folder, city, base):
 
 
 def test_builder_stores_train_in_strips_and_validation_whole(prepared):
-    skip = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
-    train = list(tfds.as_numpy(sources.load_split(prepared, "train", decoders=skip)))
+    train = list(tfds.as_numpy(sources.encoded_split(prepared, "train")))
     assert [ex["image_id"].decode() for ex in train] == [b for _, b in fixtures.CITYSCAPES["train"]]
     for ex, (city, base) in zip(train, fixtures.CITYSCAPES["train"]):
         assert ex["strip_height"] == STRIP and len(ex["image_strips"]) == 4
         original = tf.io.decode_png(_original("train", city, base)).numpy()
         np.testing.assert_array_equal(strips.decode_strips(tf.constant(ex["image_strips"])), original)
     for ex, (city, base) in zip(
-        tfds.as_numpy(sources.load_split(prepared, "validation", decoders=skip)), fixtures.CITYSCAPES["val"]
+        tfds.as_numpy(sources.encoded_split(prepared, "validation")), fixtures.CITYSCAPES["val"]
     ):
         # Validation keeps the user's file, byte for byte.
         assert ex["strip_height"] == fixtures.CITYSCAPES_HEIGHT

@@ -1,5 +1,7 @@
 """Synthetic shapes: determinism, VOC layout, learnable content, preparation through the VOC reader."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +10,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from fcn_tf.config import DataConfig
-from fcn_tf.data import classes, png, sources, synthetic, validate
+from fcn_tf.data import classes, encoded, png, raw_examples, sources, synthetic
+from harness import runs
 
 tfds.disable_progress_bar()
 
@@ -46,7 +49,7 @@ def test_voc_layout(raw):
         data = (voc / "SegmentationClass" / f"{image_id}.png").read_bytes()
         head = png.header(data)
         assert head["color_type"] == png.PALETTE and (head["width"], head["height"]) == (56, 40)
-        label = validate.decode_label_png(data, image_id)
+        label = raw_examples.decode_label_png(data, image_id)
         assert set(np.unique(label)) <= {0, 1, 2, 3, 4, 255}
 
 
@@ -97,7 +100,7 @@ def test_prepares_through_the_voc_reader_and_load_split_contract(raw, tmp_path):
     for ex in tfds.as_numpy(ds):
         image_id = ex["image_id"].decode()
         assert ex["image"].shape == (40, 56, 3) and ex["label"].shape == (40, 56)
-        raw_label = validate.decode_label_png(
+        raw_label = raw_examples.decode_label_png(
             (voc / "SegmentationClass" / f"{image_id}.png").read_bytes(), ""
         )
         np.testing.assert_array_equal(ex["label"], raw_label)
@@ -126,14 +129,34 @@ def test_default_demo_size_is_fast(tmp_path):
     assert time.perf_counter() - start < 15  # 500 images take a few seconds
 
 
-def test_load_split_can_skip_image_decoding(raw, tmp_path):
+def test_encoded_split_keeps_the_original_image_bytes(raw, tmp_path):
     sources.prepare("synthetic", raw, tmp_path / "tfds")
     config = DataConfig(dataset="synthetic", data_dir=str(tmp_path / "tfds"))
-    ds = sources.load_split(config, "validation", decoders={"image": tfds.decode.SkipDecoding()})
-    assert ds.element_spec["image"] == tf.TensorSpec((), tf.string)
-    assert ds.element_spec["label"] == tf.TensorSpec((None, None), tf.uint8)
-    ex = next(iter(tfds.as_numpy(ds)))
+    ds = sources.encoded_split(config, "validation")
+    # The image stored whole: one strip, its original bytes.
+    assert ds.element_spec["image_strips"] == tf.TensorSpec((1,), tf.string)
+    assert ds.element_spec["label_png"] == tf.TensorSpec((), tf.string)
+    example = next(iter(ds))
+    ex = tfds.as_numpy(example)
     voc = raw / "VOCdevkit" / "VOC2012"
-    assert (
-        ex["image"] == (voc / "JPEGImages" / f"{ex['image_id'].decode()}.jpg").read_bytes()
-    )  # original bytes
+    image_id = ex["image_id"].decode()
+    assert ex["image_strips"].tolist() == [(voc / "JPEGImages" / f"{image_id}.jpg").read_bytes()]
+    raw_label = raw_examples.decode_label_png(
+        (voc / "SegmentationClass" / f"{image_id}.png").read_bytes(), ""
+    )
+    np.testing.assert_array_equal(encoded.decode_label(example), raw_label)
+
+
+def test_script_refuses_a_bad_size_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, f"{runs.REPO}/scripts/make_synthetic.py", f"--output_dir={tmp_path}", "--height=4"],
+        capture_output=True,
+        text=True,
+        env=runs.subprocess_env(),
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: need num_train, num_val >= 1 and a size >= 8x8, got 400, 100, 4x128"
+    )
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -10,8 +10,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from fcn_tf.config import DataConfig
-from fcn_tf.data import classes, png, sources, validate, voc
-from fcn_tf.data.builder import CountMismatchError
+from fcn_tf.data import classes, png, raw_examples, sources, voc
+from fcn_tf.data.tfds_builder import CountMismatchError
 
 TESTDATA = Path(__file__).resolve().parents[1] / "testdata"
 _spec = importlib.util.spec_from_file_location("make_fixtures", TESTDATA / "make_fixtures.py")
@@ -81,7 +81,7 @@ def test_read_sbd_mat_reads_gtcls_segmentation(tmp_path):
     got = voc.read_sbd_mat(str(tmp_path / "x.mat"))
     np.testing.assert_array_equal(got, label)
     scipy.io.savemat(str(tmp_path / "other.mat"), {"GTinst": {"Segmentation": label}})
-    with pytest.raises(validate.BadExampleError, match=r"other\.mat.*GTcls"):
+    with pytest.raises(raw_examples.BadExampleError, match=r"other\.mat.*GTcls"):
         voc.read_sbd_mat(str(tmp_path / "other.mat"))
 
 
@@ -92,7 +92,7 @@ def test_palette_png_is_a_real_palette_png_and_reads_back_to_indices():
     assert png.header(data)["color_type"] == png.PALETTE
     # Any decoder applies the palette: TensorFlow gives the VOC colours.
     np.testing.assert_array_equal(tf.io.decode_png(data, channels=3).numpy(), colours[indices])
-    np.testing.assert_array_equal(validate.decode_label_png(data, "x.png"), indices)
+    np.testing.assert_array_equal(raw_examples.decode_label_png(data, "x.png"), indices)
 
 
 def test_voc_colormap_matches_the_devkit():
@@ -121,7 +121,7 @@ def test_merged_trainaug_listing_a_val_id_is_rejected(tmp_path):
     shutil.copytree(TESTDATA / "voc_merged", raw)
     lists = raw / "VOCdevkit/VOC2012/ImageSets/Segmentation"
     (lists / "trainaug.txt").write_text("\n".join(fixtures.TRAINAUG + fixtures.VOC_VAL[:1]))
-    with pytest.raises(validate.DatasetLayoutError, match=r"trainaug\.txt.*validation ids"):
+    with pytest.raises(raw_examples.DatasetLayoutError, match=r"trainaug\.txt.*validation ids"):
         sources.prepare("voc_aug", raw, tmp_path / "out", allow_count_mismatch=True)
 
 
@@ -136,7 +136,7 @@ def test_count_mismatch_is_an_error_without_the_flag(tmp_path):
 def test_missing_layout_names_the_expected_folders(tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "README").write_text("not VOC")
-    with pytest.raises(validate.DatasetLayoutError, match=r"VOCdevkit/VOC2012"):
+    with pytest.raises(raw_examples.DatasetLayoutError, match=r"VOCdevkit/VOC2012"):
         sources.prepare("voc_aug", tmp_path / "raw", tmp_path / "out")
 
 

@@ -1,4 +1,4 @@
-"""The TFDS builder shared by every dataset: features, counts, bad examples.
+"""The TFDS builder shared by every dataset (run by `sources.prepare`): features, counts, bad examples.
 
 A dataset module subclasses `SegmentationBuilder` and says only what is
 particular to it: where the files are (`_list_splits`), how raw label
@@ -13,7 +13,8 @@ expected example counts. Every builder stores the same features:
 
 in the splits "train" and "validation", in sorted id order; `sources.prepare`
 adds the byte offset of every record (`fcn_tf.data.records`) for the
-training order's random access. The builders are not registered in
+training order's random access. `fcn_tf.data.sources` reads the image and
+label back still encoded, as the one source contract (`fcn_tf.data.encoded`). The builders are not registered in
 TFDS's global registry (TFDS ships unrelated builders named "cityscapes"
 and "voc"); read them through `fcn_tf.data.sources` or
 `tfds.builder_from_directory(DATA_DIR/NAME/VERSION)`.
@@ -27,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from fcn_tf.data import validate
-from fcn_tf.data.validate import BadExampleError, RawExample
+from fcn_tf.data import raw_examples
+from fcn_tf.data.raw_examples import BadExampleError, RawExample
 
 
 class CountMismatchError(ValueError):
@@ -48,7 +49,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
     Subclasses set `name` and these class attributes:
       NUM_CLASSES: classes in model space.
-      LABEL_TABLE: int16 (256,) raw value -> model class (`validate.lookup_table`).
+      LABEL_TABLE: int16 (256,) raw value -> model class (`raw_examples.lookup_table`).
       IMAGE_FORMAT: "jpeg" or "png", the images' original encoding.
       EXPECTED_COUNTS: split -> examples of the real dataset, or None.
       DESCRIPTION, HOMEPAGE: shown in the DatasetInfo.
@@ -128,14 +129,14 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         """Lists and checks the splits under `manual_dir` without decoding anything.
 
         Raises:
-          validate.DatasetLayoutError: missing split list or empty split.
+          raw_examples.DatasetLayoutError: missing split list or empty split.
           CountMismatchError: a split's size differs from EXPECTED_COUNTS
             (unless `allow_count_mismatch`).
         """
         splits = self._list_splits(Path(manual_dir))
         for name, listing in splits.items():
             if not listing.examples:
-                raise validate.DatasetLayoutError(f"{listing.source}: split {name!r} is empty")
+                raise raw_examples.DatasetLayoutError(f"{listing.source}: split {name!r} is empty")
         if self.EXPECTED_COUNTS and not self.allow_count_mismatch:
             wrong = [
                 f"{name!r} has {len(splits[name].examples):,} examples ({splits[name].source}), "
@@ -162,7 +163,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             strip_height = self.STRIP_HEIGHT if split in self.STRIP_SPLITS else 0
         for raw in listing.examples:
             try:
-                example = validate.make_example(raw, self.LABEL_TABLE, self.NUM_CLASSES, strip_height)
+                example = raw_examples.make_example(raw, self.LABEL_TABLE, self.NUM_CLASSES, strip_height)
             except BadExampleError as e:
                 if not self.skip_bad_examples:
                     raise
@@ -172,7 +173,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             yield raw.image_id, example
         if not written:
             skipped = self.skipped[skipped_before:]
-            raise validate.DatasetLayoutError(
+            raise raw_examples.DatasetLayoutError(
                 f"{listing.source}: split {split!r} left empty after skipping {len(skipped)} bad example(s): "
                 + "; ".join(str(e) for e in skipped[:3])
             )
@@ -182,13 +183,13 @@ def read_split_file(path: Path) -> list[str]:
     """Ids listed one per line in a split file (blank lines ignored).
 
     Raises:
-      validate.DatasetLayoutError: the file is missing or lists nothing.
+      raw_examples.DatasetLayoutError: the file is missing or lists nothing.
     """
     if not path.is_file():
-        raise validate.DatasetLayoutError(f"{path}: split list is missing")
+        raise raw_examples.DatasetLayoutError(f"{path}: split list is missing")
     ids = [line.strip().split()[0] for line in path.read_text().splitlines() if line.strip()]
     if not ids:
-        raise validate.DatasetLayoutError(f"{path}: split list is empty")
+        raise raw_examples.DatasetLayoutError(f"{path}: split list is empty")
     return ids
 
 
@@ -204,4 +205,4 @@ def first_existing(candidates: list[Path], what: str, hint: str) -> Path:
         if c.is_dir():
             return c
     tried = ", ".join(str(c) for c in candidates)
-    raise validate.DatasetLayoutError(f"{what} not found (tried {tried}). Expected layout: {hint}")
+    raise raw_examples.DatasetLayoutError(f"{what} not found (tried {tried}). Expected layout: {hint}")

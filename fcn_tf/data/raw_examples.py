@@ -1,11 +1,11 @@
-"""Checks shared by the dataset readers: decode, map and validate one example.
+"""One raw example, from the user's files to the stored features: read, decode, map, check.
 
-Every raw example goes through `make_example`: the image is fully decoded
-(a truncated JPEG or PNG fails here, not in the middle of training), the
-raw label is decoded and mapped to model space with a 256-entry lookup
-table, and the two sizes are compared. A problem raises `BadExampleError`
-naming the file; the builder either stops on it or, when asked, skips and
-counts the example.
+Every raw example goes through `make_example` when a dataset is prepared:
+the image is fully decoded (a truncated JPEG or PNG fails here, not in the
+middle of training), the raw label is decoded and mapped to model space
+with a 256-entry lookup table, and the two sizes are compared. A problem
+raises `BadExampleError` naming the file; the builder either stops on it
+or, when asked, skips and counts the example.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import context
 
-from fcn_tf import train_lib
+from fcn_tf import training
 from fcn_tf.config import DataConfig, ExperimentConfig, ModelConfig, TrainerConfig, validate
 from fcn_tf.models import build_fcn
 from fcn_tf.models.cpu_kernels import CPU_KERNEL_SCOPE
@@ -137,8 +137,8 @@ def check_train_step(devices, steps: int = 3, precision: str = "float32", image_
             model = build_fcn(config.model)
             optimizer = build_optimizer(config.optimizer, steps, precision, aggregate_gradients=False)
             optimizer.build(model.trainable_variables)
-        iterator = train_lib.make_train_iterator(strategy, dataset_fn)
-        step = train_lib.make_train_step(model, optimizer, strategy, config)
+        iterator = training.make_train_iterator(strategy, dataset_fn)
+        step = training.make_train_step(model, optimizer, strategy, config)
         graph = step.function.get_concrete_function(iterator, tf.constant(-1, tf.int64)).graph
         # The placement is recorded when TensorFlow first partitions the step's graph.
         placement = op_placement(step, iterator)

@@ -21,7 +21,7 @@ prefer_onednn()  # before TensorFlow is imported
 from absl import app, flags, logging
 
 import experiments
-from fcn_tf import distribute, train_lib
+from fcn_tf import distribute, training
 from fcn_tf.config import ConfigError
 from fcn_tf.devices import set_inter_op_threads
 
@@ -62,11 +62,11 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"error: {e}")
     try:
-        result = train_lib.train(config, FLAGS.workdir, strategy, from_scratch=FLAGS.from_scratch)
-    except train_lib.Preempted as e:
+        result = training.train(config, FLAGS.workdir, strategy, from_scratch=FLAGS.from_scratch)
+    except training.Preempted as e:
         logging.warning("%s", e)
-        sys.exit(train_lib.PREEMPTED_EXIT_CODE)
-    except (train_lib.NonFiniteLossError, train_lib.WorkdirLockedError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(training.PREEMPTED_EXIT_CODE)
+    except (training.NonFiniteLossError, training.WorkdirLockedError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     evaluation = result.get("eval")
     if evaluation:

@@ -2,7 +2,7 @@
 
 Each worker runs this file with --worker: it builds the strategy from its
 TF_CONFIG, trains a few steps of a tiny synthetic_r18_os8 (synchronized
-BatchNorm, dataset sharded by input context) through `train_lib.train` on a
+BatchNorm, dataset sharded by input context) through `training.train` on a
 shared workdir, and dumps its final weights. Only the chief locks the
 workdir, writes config/summaries and keeps model checkpoints; each worker
 keeps its own input position in checkpoints/input/worker-K.
@@ -40,7 +40,7 @@ def _worker(workdir, data_dir, out):
     from absl import logging
 
     import experiments
-    from fcn_tf import distribute, train_lib
+    from fcn_tf import distribute, training
     from fcn_tf.config import override
 
     logging.set_verbosity(logging.INFO)  # as scripts/train.py (absl.app) does
@@ -56,7 +56,7 @@ def _worker(workdir, data_dir, out):
         "trainer.eval_max_examples=2",
     )
     holder = {}
-    result = train_lib.train(
+    result = training.train(
         config, workdir, strategy, model_fn=lambda c: holder.setdefault("model", _build(c))
     )
     weights = {w.path: w.numpy() for w in holder["model"].weights}

@@ -67,6 +67,11 @@ class CheckpointSaveError(RuntimeError):
 
 
 def checkpoint_dir(workdir: str) -> str:
+    """WORKDIR/checkpoints: the model checkpoints of a training workdir.
+
+    Args:
+      workdir: the training workdir.
+    """
     return os.path.join(workdir, CHECKPOINT_SUBDIR)
 
 
@@ -105,12 +110,20 @@ def checkpoint_steps(directory: str) -> list[int]:
 
 
 def latest_checkpoint(workdir: str) -> str | None:
-    """The newest checkpoint prefix in `workdir`, or None."""
+    """The newest checkpoint prefix in `workdir`, or None.
+
+    Args:
+      workdir: the training workdir.
+    """
     return tf.train.latest_checkpoint(checkpoint_dir(workdir))
 
 
 def resolve(path: str) -> str:
     """Turns a workdir, a checkpoint prefix or a `.weights.h5` file into a restorable path.
+
+    Args:
+      path: a workdir (its latest checkpoint), a checkpoint folder, a
+        checkpoint prefix or a `.weights.h5` file.
 
     Raises:
       FileNotFoundError: naming `path` when nothing restorable is there.
@@ -135,6 +148,10 @@ def restore_model(model, path: str) -> str:
 
     Only the model is read (optimizer and iterator state are left alone).
     Every model variable must be found in the checkpoint.
+
+    Args:
+      model: the built model.
+      path: as in `resolve`.
 
     Returns:
       The path actually restored.

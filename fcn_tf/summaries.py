@@ -33,12 +33,23 @@ IMAGE_TAGS = ("images/input", "images/ground_truth", "images/prediction")
 
 
 def summary_dir(workdir: str, name: str) -> str:
-    """WORKDIR/tensorboard/<name>: one run per writer, `tensorboard --logdir WORKDIR`."""
+    """WORKDIR/tensorboard/<name>: one run per writer, `tensorboard --logdir WORKDIR`.
+
+    Args:
+      workdir: the training workdir.
+      name: the run, "train" or "eval".
+    """
     return os.path.join(workdir, "tensorboard", name)
 
 
 def denormalize(images: tf.Tensor, mean, std) -> tf.Tensor:
-    """Undoes the input normalization: (N, H, W, 3) float -> uint8 RGB."""
+    """Undoes the input normalization: (N, H, W, 3) float -> uint8 RGB.
+
+    Args:
+      images: normalized float images.
+      mean: the normalization mean per channel.
+      std: the normalization std per channel.
+    """
     images = tf.cast(images, tf.float32) * tf.constant(std, tf.float32) + tf.constant(mean, tf.float32)
     return tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
 
@@ -55,7 +66,13 @@ def peak_memory_mb() -> float:
 
 
 def write_scalars(writer: tf.summary.SummaryWriter, step: int, values: dict[str, float]) -> None:
-    """Writes `{tag: value}` at `step` and flushes (so a killed run keeps its curves)."""
+    """Writes `{tag: value}` at `step` and flushes (so a killed run keeps its curves).
+
+    Args:
+      writer: the summary writer.
+      step: global step.
+      values: tag -> scalar.
+    """
     with writer.as_default(step=step):
         for tag, value in values.items():
             tf.summary.scalar(tag, float(value))

@@ -12,27 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 
 from harness import runs
+from harness.cluster import free_ports
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 STEPS = 4
-
-
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _worker(workdir, data_dir, out):
@@ -78,7 +68,7 @@ def _build(config):
 def test_two_workers_train_to_identical_weights(tmp_path):
     data_dir = runs.make_synthetic_tfds(str(tmp_path / "data"))
     workdir = str(tmp_path / "run")
-    ports = _free_ports(2)
+    ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     for index in range(2):

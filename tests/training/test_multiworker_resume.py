@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from harness import runs, tiny
-from training.test_multiworker import _free_ports
+from harness.cluster import free_ports
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -85,7 +85,7 @@ def _worker(workdir, ids_file, out, delay):
 
 
 def _start(tmp_path, workdir, name, delay):
-    ports = _free_ports(2)
+    ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     for index in range(2):

@@ -108,6 +108,9 @@ class _ReplicaStep:
     def forward_backward(self, x, y, global_count):
         with tf.GradientTape() as tape:
             outputs = self.model(x, training=True)
+            # total = main + aux_weight x aux (0.4 in the reference), both divided by
+            # the GLOBAL valid-pixel count, so the aux head's gradient is weighted
+            # the same on every replica and micro-batch.
             losses = segmentation_losses(outputs, y, global_count, self.ignore_label, self.aux_weight)
             # float16: scale the loss so small gradients survive; the
             # LossScaleOptimizer unscales before applying.

@@ -126,7 +126,7 @@ def _minimal_train_step(
 
     Forward in training mode, main + aux_weight x aux pixel cross-entropy over
     the valid pixels, backward, PyTorch-style SGD update (fcn_tf.optimizers).
-    Used when `fcn_tf.train_lib.make_train_step` cannot be XLA-compiled
+    Used when `fcn_tf.training.make_train_step` cannot be XLA-compiled
     (its step pulls the batch from an iterator inside).
     """
     import tensorflow as tf
@@ -152,7 +152,7 @@ def train_step_fn(
 ) -> tuple[Callable[[], Any], str]:
     """A no-argument callable running one real training step on a fixed batch.
 
-    Uses the project's own step (`fcn_tf.train_lib.make_train_step`, with the
+    Uses the project's own step (`fcn_tf.training.make_train_step`, with the
     experiment's `trainer.grad_accum_steps`, fed from a repeating dataset
     through `make_train_iterator`); when that step does not compile with XLA,
     `_minimal_train_step`. Returns `(call, which)` with `which` naming the one.
@@ -170,7 +170,7 @@ def train_step_fn(
     import tensorflow as tf
 
     from fcn_tf.optimizers import build_optimizer
-    from fcn_tf.train_lib import make_train_iterator, make_train_step
+    from fcn_tf.training import make_train_iterator, make_train_step
 
     strategy = strategy or tf.distribute.get_strategy()
     config = dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, jit_compile=jit_compile))
@@ -189,12 +189,15 @@ def train_step_fn(
     )
     try:
         _fetch(step(iterator)["total"])
-        return (lambda: _fetch(step(iterator)["total"])), "fcn_tf.train_lib.make_train_step"
+        return (lambda: _fetch(step(iterator)["total"])), "fcn_tf.training.make_train_step"
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, ValueError) as error:
         if not jit_compile or strategy.num_replicas_in_sync > 1 or config.trainer.grad_accum_steps > 1:
             raise
         reason = str(error).splitlines()[0][:80]
-        print(f"train_lib step does not compile with XLA ({reason}); using the minimal step", file=sys.stderr)
+        print(
+            f"fcn_tf.training step does not compile with XLA ({reason}); using the minimal step",
+            file=sys.stderr,
+        )
     optimizer = build_optimizer(config.optimizer, config.trainer.train_steps, config.trainer.precision)
     optimizer.build(model.trainable_variables)
     step = _minimal_train_step(

@@ -1,20 +1,22 @@
 """Where checkpoints live, how they are verified, saved and restored.
 
-Training writes `tf.train.Checkpoint(model=..., optimizer=..., step=...,
-iterator=...)` with a `tf.train.CheckpointManager` into `WORKDIR/checkpoints/`
+Checkpoints are `tf.train.CheckpointManager` checkpoints named `ckpt-STEP`
 (files `ckpt-STEP.index` and `ckpt-STEP.data-*`, listed newest last in the
-manager's state file `checkpoint`). Evaluation, export and predict need only
-the model, restored from a workdir's latest checkpoint, an explicit checkpoint
-prefix, or a Keras `.weights.h5` file (e.g. a converted reference checkpoint).
+manager's state file `checkpoint`); `step_of`, `prefix_of` and
+`checkpoint_steps` are the one place that reads and writes those names.
+Training keeps two kinds under the same steps (fcn_tf/training/resume.py):
+the model checkpoint (model, optimizer, step, dropout RNG state) in
+`WORKDIR/checkpoints/`, and each worker's own input position in
+`WORKDIR/checkpoints/input/worker-K/`. Evaluation, export and predict need
+only the model, restored from a workdir's latest checkpoint, an explicit
+checkpoint prefix, or a Keras `.weights.h5` file (e.g. a converted reference
+checkpoint).
 
 Faults handled for training:
 
-* resume (`newest_readable`): every tensor of the checkpoint about to be
-  restored is read first (sizes and CRC32C checksums). A truncated or damaged
-  newest checkpoint is moved to `checkpoints/unreadable/` (never deleted),
-  dropped from the state file, and the newest readable one is used instead;
-  when none is readable, `NoReadableCheckpointError` lists each checkpoint
-  and its problem.
+* resume (`verify`): every tensor of the checkpoint about to be restored is
+  read first (sizes and CRC32C checksums); fcn_tf/training/recovery.py sets
+  an unreadable one aside and falls back to the newest readable one.
 * save (`CheckpointManager`): a failed save (disk full, permissions, I/O error) removes its
   partial files and raises `CheckpointSaveError` naming the path, the space a
   checkpoint needs and the last good checkpoint.
@@ -29,19 +31,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import time
-import uuid
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
-from google.protobuf import text_format
 
 CHECKPOINT_SUBDIR = "checkpoints"
 # The CheckpointManager's default `checkpoint_name`: files are ckpt-STEP.*.
 CHECKPOINT_NAME = "ckpt"
 STATE_FILE = "checkpoint"
-UNREADABLE_SUBDIR = "unreadable"
 # Verification reads the tensors in groups of about this many bytes, so its
 # memory stays far below a restore's.
 _VERIFY_CHUNK_BYTES = 64 << 20
@@ -60,10 +58,6 @@ class UnreadableCheckpointError(RuntimeError):
         self.reason = reason
 
 
-class NoReadableCheckpointError(RuntimeError):
-    """A workdir has checkpoints but none of them can be read."""
-
-
 class CheckpointMismatchError(RuntimeError):
     """A readable checkpoint whose objects do not match this run's model, optimizer or input pipeline."""
 
@@ -73,16 +67,63 @@ class CheckpointSaveError(RuntimeError):
 
 
 def checkpoint_dir(workdir: str) -> str:
+    """WORKDIR/checkpoints: the model checkpoints of a training workdir.
+
+    Args:
+      workdir: the training workdir.
+    """
     return os.path.join(workdir, CHECKPOINT_SUBDIR)
 
 
+def step_of(prefix: str) -> int:
+    """The STEP of a checkpoint prefix `.../ckpt-STEP`; -1 for a name without one.
+
+    Args:
+      prefix: a checkpoint prefix (a path or a bare name).
+    """
+    match = re.search(r"-(\d+)$", prefix)
+    return int(match.group(1)) if match else -1
+
+
+def prefix_of(directory: str, step: int) -> str:
+    """The prefix `DIRECTORY/ckpt-STEP` of the checkpoint of `step`.
+
+    Args:
+      directory: a checkpoint directory.
+      step: the step (the checkpoint number).
+    """
+    return os.path.join(directory, f"{CHECKPOINT_NAME}-{step}")
+
+
+def checkpoint_steps(directory: str) -> list[int]:
+    """Steps of the checkpoints whose `ckpt-STEP.index` file is in `directory`, newest first.
+
+    TensorFlow writes the `.index` file last (after the data files are
+    merged), so a save killed half-way leaves none. The manager's state file
+    is not read.
+
+    Args:
+      directory: a checkpoint directory (missing: no steps).
+    """
+    names = tf.io.gfile.listdir(directory) if tf.io.gfile.isdir(directory) else []
+    return sorted((int(m.group(1)) for m in map(_CHECKPOINT_INDEX.match, names) if m), reverse=True)
+
+
 def latest_checkpoint(workdir: str) -> str | None:
-    """The newest checkpoint prefix in `workdir`, or None."""
+    """The newest checkpoint prefix in `workdir`, or None.
+
+    Args:
+      workdir: the training workdir.
+    """
     return tf.train.latest_checkpoint(checkpoint_dir(workdir))
 
 
 def resolve(path: str) -> str:
     """Turns a workdir, a checkpoint prefix or a `.weights.h5` file into a restorable path.
+
+    Args:
+      path: a workdir (its latest checkpoint), a checkpoint folder, a
+        checkpoint prefix or a `.weights.h5` file.
 
     Raises:
       FileNotFoundError: naming `path` when nothing restorable is there.
@@ -108,6 +149,10 @@ def restore_model(model, path: str) -> str:
     Only the model is read (optimizer and iterator state are left alone).
     Every model variable must be found in the checkpoint.
 
+    Args:
+      model: the built model.
+      path: as in `resolve`.
+
     Returns:
       The path actually restored.
     """
@@ -124,8 +169,12 @@ def restore_model(model, path: str) -> str:
 # --------------------------------------------------------------------------- verification
 
 
-def _files_of(prefix: str) -> list[str]:
-    """The `.index` and `.data-*` files of checkpoint `prefix` (ckpt-6 does not match ckpt-60's)."""
+def files_of(prefix: str) -> list[str]:
+    """The `.index` and `.data-*` files of checkpoint `prefix` (ckpt-6 does not match ckpt-60's).
+
+    Args:
+      prefix: a checkpoint prefix such as `WORKDIR/checkpoints/ckpt-300`.
+    """
     return sorted(tf.io.gfile.glob(prefix + ".index") + tf.io.gfile.glob(prefix + ".data-*"))
 
 
@@ -212,181 +261,6 @@ def verify(prefix: str) -> None:
 # --------------------------------------------------------------------------- resume
 
 
-def _step_of(prefix: str) -> int:
-    match = re.search(r"-(\d+)$", prefix)
-    return int(match.group(1)) if match else -1
-
-
-def _read_state(directory: str):
-    """(CheckpointState proto or None, problem or None) of the manager's state file."""
-    path = os.path.join(directory, STATE_FILE)
-    if not tf.io.gfile.exists(path):
-        return None, "is missing"
-    try:
-        state = tf.train.get_checkpoint_state(directory)
-    except ValueError as e:  # parsed, but without a model_checkpoint_path
-        return None, f"is damaged ({e})"
-    if state is None:  # TensorFlow logged the parse error and gave up
-        return None, "is damaged (not a CheckpointState)"
-    return state, None
-
-
-def _candidates(directory: str):
-    """(checkpoint prefixes newest first, state proto or None, state problem or None)."""
-    state, problem = _read_state(directory)
-    if state is not None:
-        paths = list(state.all_model_checkpoint_paths)
-        if state.model_checkpoint_path not in paths:
-            paths.append(state.model_checkpoint_path)
-        return sorted(set(paths), key=_step_of, reverse=True), state, None
-    # No usable bookkeeping: the checkpoint files themselves say what exists.
-    names = tf.io.gfile.listdir(directory) if tf.io.gfile.isdir(directory) else []
-    prefixes = [os.path.join(directory, n[: -len(".index")]) for n in names if _CHECKPOINT_INDEX.match(n)]
-    if not prefixes:
-        return [], None, None
-    return sorted(prefixes, key=_step_of, reverse=True), None, problem
-
-
-def _free_target(directory: str, name: str) -> str:
-    """DIRECTORY/unreadable/NAME, or NAME.1, NAME.2, ... if something of that name was set aside before."""
-    target_dir = os.path.join(directory, UNREADABLE_SUBDIR)
-    tf.io.gfile.makedirs(target_dir)
-    target, copy = os.path.join(target_dir, name), 0
-    while tf.io.gfile.glob(target) or tf.io.gfile.glob(target + ".*"):
-        copy += 1
-        target = os.path.join(target_dir, f"{name}.{copy}")
-    return target
-
-
-def _set_aside_checkpoint(prefix: str, directory: str) -> None:
-    """Moves the files of `prefix` into DIRECTORY/unreadable/, keeping them one loadable prefix."""
-    name = os.path.basename(prefix)
-    target = _free_target(directory, name)
-    for path in _files_of(prefix):
-        tf.io.gfile.rename(path, target + os.path.basename(path)[len(name) :])
-
-
-def _write_state(directory: str, newest: str, state, dropped: set[str]) -> None:
-    """Rewrites the manager's state file with `newest` as the latest and without `dropped`.
-
-    The remaining entries keep their timestamps, so keep-N deletion carries on
-    as before; paths are written relative, as CheckpointManager does.
-    """
-    if state is not None:
-        paths = list(state.all_model_checkpoint_paths)
-        times = list(state.all_model_checkpoint_timestamps)
-        if len(times) != len(paths):  # CheckpointManager's reading of an old state file
-            times = [state.last_preserved_timestamp] * len(paths)
-        entries = dict(zip(paths, times))
-        preserved = state.last_preserved_timestamp
-    else:
-        # Rebuilt from the files: every checkpoint up to `newest`, with its file time.
-        names = tf.io.gfile.listdir(directory)
-        found = [os.path.join(directory, n[: -len(".index")]) for n in names if _CHECKPOINT_INDEX.match(n)]
-        entries = {p: tf.io.gfile.stat(p + ".index").mtime_nsec / 1e9 for p in found}
-        preserved = min(entries.values(), default=time.time()) - 1.0
-    entries.setdefault(newest, time.time())
-    kept = sorted((p for p in entries if p not in dropped and _step_of(p) <= _step_of(newest)), key=_step_of)
-    proto = tf.compat.v1.train.generate_checkpoint_state_proto(
-        directory,
-        os.path.relpath(newest, directory),
-        all_model_checkpoint_paths=[os.path.relpath(p, directory) for p in kept],
-        all_model_checkpoint_timestamps=[entries[p] for p in kept],
-        last_preserved_timestamp=preserved,
-    )
-    # Written as CheckpointManager writes it: a temporary file renamed over the old one.
-    path = os.path.join(directory, STATE_FILE)
-    tmp = f"{path}.tmp{uuid.uuid4().hex}"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(text_format.MessageToString(proto))
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
-def newest_readable(directory: str, *, set_aside: bool = True, usable=None) -> str | None:
-    """The newest checkpoint in `directory` that `verify` accepts, repairing the bookkeeping around it.
-
-    Candidates are the checkpoints listed in the manager's state file, newest
-    step first; without a usable state file, the `ckpt-STEP.index` files
-    present. Each unreadable newer checkpoint is logged as a warning naming
-    the file and why.
-
-    Args:
-      directory: a checkpoint directory (`checkpoint_dir(workdir)`).
-      set_aside: move the files of unreadable checkpoints (and a damaged state
-        file) into DIRECTORY/unreadable/ and rewrite the state file so the
-        CheckpointManager created afterwards sees the readable checkpoint as
-        the latest (its later saves and keep-N deletion then work as usual).
-        Only the process that owns the workdir may do this (the chief);
-        other workers pass False and only read.
-      usable: optional `step -> bool`: checkpoints whose step it rejects are
-        passed over without being verified or moved (e.g. a step for which
-        not every worker saved its input position); they stay on disk and
-        leave the state file, as a newer checkpoint that was never complete.
-
-    Returns:
-      The checkpoint prefix to restore, or None when `directory` holds no
-      checkpoint at all.
-
-    Raises:
-      NoReadableCheckpointError: there are checkpoints, but none is readable;
-        the one-line message lists each with its problem and what to do.
-        Nothing is moved in that case.
-    """
-    candidates, state, state_problem = _candidates(directory)
-    if not candidates:
-        return None
-    state_file = os.path.join(directory, STATE_FILE)
-    if state_problem:
-        logging.warning(
-            "The checkpoint state file %s %s; looking for checkpoints by their file names (%s)",
-            state_file,
-            state_problem,
-            ", ".join(os.path.basename(p) for p in candidates),
-        )
-    if usable is not None:
-        passed_over = [p for p in candidates if not usable(_step_of(p))]
-        candidates = [p for p in candidates if p not in passed_over]
-        if passed_over:
-            logging.warning(
-                "Passing over %s: not complete (%s)",
-                ", ".join(os.path.basename(p) for p in passed_over),
-                "a save was interrupted before every part of that step was written",
-            )
-        if not candidates:
-            return None
-    problems: list[UnreadableCheckpointError] = []
-    for prefix in candidates:
-        try:
-            verify(prefix)
-        except UnreadableCheckpointError as e:
-            problems.append(e)
-            continue
-        break
-    else:
-        found = "; ".join(f"{os.path.basename(e.prefix)}: {e.reason}" for e in problems)
-        raise NoReadableCheckpointError(
-            f"cannot resume: none of the {len(problems)} checkpoint(s) in {directory} is readable ({found}). "
-            "Nothing was changed. Copy an intact checkpoint (its .index and .data-* files) into that folder "
-            "and rerun, or start from step 0 with a new --workdir."
-        )
-    unreadable_dir = os.path.join(directory, UNREADABLE_SUBDIR)
-    for e in problems:
-        moved = set_aside and bool(_files_of(e.prefix))
-        if moved:
-            _set_aside_checkpoint(e.prefix, directory)
-        logging.warning(
-            "%s%s. Resuming from %s instead, the newest readable checkpoint.",
-            e,
-            f"; its files were moved to {unreadable_dir}" if moved else "",
-            prefix,
-        )
-    if set_aside and (problems or state_problem or (usable is not None and passed_over)):
-        if state_problem and tf.io.gfile.exists(state_file):
-            tf.io.gfile.rename(state_file, _free_target(directory, STATE_FILE))
-        _write_state(directory, prefix, state, {e.prefix for e in problems})
-    return prefix
-
-
 def restore_for_resume(checkpoint: tf.train.Checkpoint, prefix: str, config_file: str) -> None:
     """Restores a verified checkpoint into the objects of a training run.
 
@@ -395,7 +269,7 @@ def restore_for_resume(checkpoint: tf.train.Checkpoint, prefix: str, config_file
 
     Args:
       checkpoint: the run's `tf.train.Checkpoint`.
-      prefix: a checkpoint `newest_readable` returned.
+      prefix: a verified checkpoint (`fcn_tf.training.recovery.newest_readable`).
       config_file: the workdir's config.json, named in the mismatch message.
 
     Raises:
@@ -440,30 +314,6 @@ def remove_partial_saves(directory: str) -> list[str]:
         logging.info("Removed %s (%s), left by an interrupted checkpoint save", path, _format_bytes(size))
         removed.append(path)
     return removed
-
-
-def discard(prefix: str) -> None:
-    """Removes checkpoint `prefix` and its entry in the state file (the previous one becomes the latest).
-
-    For a step whose save failed in a later part (a worker's input position):
-    its model checkpoint alone is no resume point, and leaving it would make
-    the state file name a checkpoint a rerun cannot use.
-
-    Args:
-      prefix: the checkpoint, e.g. `WORKDIR/checkpoints/ckpt-300`.
-    """
-    directory = os.path.dirname(prefix)
-    for path in _files_of(prefix):
-        tf.io.gfile.remove(path)
-    state, _ = _read_state(directory)
-    if state is None:
-        return
-    remaining = [p for p in state.all_model_checkpoint_paths if _step_of(p) != _step_of(prefix)]
-    if remaining:
-        newest = max(remaining, key=_step_of)
-        _write_state(directory, os.path.join(directory, os.path.basename(newest)), state, {prefix})
-    else:
-        tf.io.gfile.remove(os.path.join(directory, STATE_FILE))
 
 
 # --------------------------------------------------------------------------- save
@@ -538,16 +388,16 @@ class CheckpointManager(tf.train.CheckpointManager):
         number = (
             int(self.checkpoint.save_counter) + 1 if checkpoint_number is None else int(checkpoint_number)
         )
-        prefix = os.path.join(self.directory, f"{CHECKPOINT_NAME}-{number}")
+        prefix = prefix_of(self.directory, number)
         previous = self.latest_checkpoint
         resume = self._resume_point() if self._resume_point else previous
-        existing = set(_files_of(prefix))
+        existing = set(files_of(prefix))
         state_tmp_pattern = os.path.join(self.directory, STATE_FILE + ".tmp*")
         state_tmp_before = set(tf.io.gfile.glob(state_tmp_pattern))
         try:
             return super().save(checkpoint_number, check_interval=check_interval, options=options)
         except (tf.errors.OpError, OSError) as e:
-            partial = [p for p in _files_of(prefix) if p not in existing]
+            partial = [p for p in files_of(prefix) if p not in existing]
             partial += sorted(set(tf.io.gfile.glob(state_tmp_pattern)) - state_tmp_before)
             partial += [prefix + "_temp"] if tf.io.gfile.isdir(prefix + "_temp") else []
             left = []
@@ -561,8 +411,8 @@ class CheckpointManager(tf.train.CheckpointManager):
     def _failure_message(self, prefix, previous, resume, error: Exception, left: list[str]) -> str:
         # "PATH; No space left on device": the cause is what the user needs, the path is named already.
         reason = _error_text(error, prefix).rsplit("; ", 1)[-1]
-        if previous and _files_of(previous):
-            needed = f"{_format_bytes(sum(_size(p) for p in _files_of(previous)))} (the size of {previous})"
+        if previous and files_of(previous):
+            needed = f"{_format_bytes(sum(_size(p) for p in files_of(previous)))} (the size of {previous})"
         else:
             needed = f"{_format_bytes(_variables_bytes(self.checkpoint))} for the variables alone"
         try:

@@ -31,6 +31,9 @@ SLURM_PORT_BASE = 8888
 def cluster_workers(tf_config: str | None = None) -> int:
     """Number of worker (and chief) tasks in `TF_CONFIG`; 0 when there is none.
 
+    Args:
+      tf_config: the TF_CONFIG text (default: the environment variable).
+
     Raises:
       ValueError: TF_CONFIG is not valid JSON (the message quotes it).
     """
@@ -159,6 +162,9 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
 
     The chief is task "chief", or worker 0 when the cluster has no chief;
     without a cluster the only process is the chief.
+
+    Args:
+      strategy: the strategy of the run.
     """
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.cluster_spec().as_dict():
@@ -170,13 +176,21 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
 
 
 def task_id(strategy: tf.distribute.Strategy) -> int:
-    """This task's index within its task type (0 without a cluster)."""
+    """This task's index within its task type (0 without a cluster).
+
+    Args:
+      strategy: the strategy of the run.
+    """
     resolver = getattr(strategy, "cluster_resolver", None)
     return int(resolver.task_id or 0) if resolver is not None else 0
 
 
 def worker_index(strategy: tf.distribute.Strategy) -> int:
-    """This worker's position among all workers, chief first (tf.distribute's input pipeline id)."""
+    """This worker's position among all workers, chief first (tf.distribute's input pipeline id).
+
+    Args:
+      strategy: the strategy of the run.
+    """
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.cluster_spec().as_dict():
         return 0
@@ -187,7 +201,11 @@ def worker_index(strategy: tf.distribute.Strategy) -> int:
 
 
 def num_workers(strategy: tf.distribute.Strategy) -> int:
-    """Worker (and chief) tasks of the job: 1 without a cluster."""
+    """Worker (and chief) tasks of the job: 1 without a cluster.
+
+    Args:
+      strategy: the strategy of the run.
+    """
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.cluster_spec().as_dict():
         return 1

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import context
 
-from fcn_tf import train_lib
+from fcn_tf import training
 from fcn_tf.config import DataConfig, ExperimentConfig, ModelConfig, TrainerConfig, validate
 from fcn_tf.models import build_fcn
 from fcn_tf.models.cpu_kernels import CPU_KERNEL_SCOPE
@@ -109,15 +109,32 @@ def check_train_step(devices, steps: int = 3, precision: str = "float32", image_
         if len(devices) == 1
         else tf.distribute.MirroredStrategy(devices)
     )
-    replicas = strategy.num_replicas_in_sync
     config = validate(
         ExperimentConfig(
             name="check_train_step",
             model=ModelConfig(backbone_depth=18, head_channels=16, aux_channels=16),
-            data=DataConfig(global_batch_size=2 * replicas),
+            data=DataConfig(global_batch_size=2 * strategy.num_replicas_in_sync),
             trainer=TrainerConfig(train_steps=steps, precision=precision),
         )
     )
+    run = _run_steps(strategy, config, _random_dataset_fn(config, image_size))
+    placed, problems = _placement_problems(kind, run["placement"], run["graph"], run["loss"])
+    return {
+        "devices": devices,
+        "precision": precision,
+        "kernels": sorted({layer.kernels for layer in _layers(run["model"]) if hasattr(layer, "kernels")}),
+        "replicas": strategy.num_replicas_in_sync,
+        "placed": placed,
+        "cpu_kernel_ops": len(cpu_kernel_ops(run["graph"])),
+        "collectives": sum(1 for _, op_type in traced_ops(run["graph"]) if op_type.startswith("Collective")),
+        "loss": run["loss"],
+        "seconds_per_step": run["seconds_per_step"],
+        "problems": problems,
+    }
+
+
+def _random_dataset_fn(config: ExperimentConfig, image_size: int):
+    """`input_context -> dataset`: 8 fixed random images and labels, repeated, per-replica batches."""
     rng = np.random.default_rng(0)
     images = rng.normal(size=(8, image_size, image_size, 3)).astype(np.float32)
     labels = rng.integers(0, config.model.num_classes, (8, image_size, image_size)).astype(np.int32)
@@ -130,6 +147,17 @@ def check_train_step(devices, steps: int = 3, precision: str = "float32", image_
             .batch(per_replica, drop_remainder=True)
         )
 
+    return dataset_fn
+
+
+def _run_steps(strategy, config: ExperimentConfig, dataset_fn) -> dict:
+    """Trains `config.trainer.train_steps` steps.
+
+    Returns:
+      {"model", "graph" (the step's), "placement" (of the first step), "loss"
+      (of the last), "seconds_per_step" (the steps after the first)}.
+    """
+    steps, precision = config.trainer.train_steps, config.trainer.precision
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(precision)
     try:
@@ -137,8 +165,8 @@ def check_train_step(devices, steps: int = 3, precision: str = "float32", image_
             model = build_fcn(config.model)
             optimizer = build_optimizer(config.optimizer, steps, precision, aggregate_gradients=False)
             optimizer.build(model.trainable_variables)
-        iterator = train_lib.make_train_iterator(strategy, dataset_fn)
-        step = train_lib.make_train_step(model, optimizer, strategy, config)
+        iterator = training.make_train_iterator(strategy, dataset_fn)
+        step = training.make_train_step(model, optimizer, strategy, config)
         graph = step.function.get_concrete_function(iterator, tf.constant(-1, tf.int64)).graph
         # The placement is recorded when TensorFlow first partitions the step's graph.
         placement = op_placement(step, iterator)
@@ -148,6 +176,11 @@ def check_train_step(devices, steps: int = 3, precision: str = "float32", image_
         seconds = (time.perf_counter() - start) / max(steps - 1, 1)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
+    return {"model": model, "graph": graph, "placement": placement, "loss": loss, "seconds_per_step": seconds}
+
+
+def _placement_problems(kind: str, placement, graph, loss: float) -> tuple[dict, list[str]]:
+    """(op type -> count of the tracked ops placed on `kind`, the problems found)."""
 
     def tracked(op_type):
         return any(name in op_type for name in ACCELERATOR_OP_TYPES)
@@ -168,19 +201,7 @@ def check_train_step(devices, steps: int = 3, precision: str = "float32", image_
         problems.append(f"no convolution, matmul or BatchNorm op ran on {kind}")
     if not np.isfinite(loss):
         problems.append(f"non-finite loss {loss}")
-    kernels = sorted({layer.kernels for layer in _layers(model) if hasattr(layer, "kernels")})
-    return {
-        "devices": devices,
-        "precision": precision,
-        "kernels": kernels,
-        "replicas": replicas,
-        "placed": dict(sorted(placed.items())),
-        "cpu_kernel_ops": len(cpu_ops),
-        "collectives": sum(1 for _, op_type in traced_ops(graph) if op_type.startswith("Collective")),
-        "loss": loss,
-        "seconds_per_step": seconds,
-        "problems": problems,
-    }
+    return dict(sorted(placed.items())), problems
 
 
 def _layers(model):

@@ -21,52 +21,56 @@ prefer_onednn()  # before TensorFlow is imported
 from absl import app, flags, logging
 
 import experiments
-from fcn_tf import distribute, train_lib
+from fcn_tf import distribute, training
 from fcn_tf.config import ConfigError
 from fcn_tf.devices import set_inter_op_threads
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("experiment", None, "Registered experiment name (scripts/list_experiments.py).")
-flags.DEFINE_string("workdir", None, "Output directory: config.json, checkpoints/, tensorboard/.")
-flags.DEFINE_string("data_dir", None, "TFDS data directory (overrides data.data_dir).")
-flags.DEFINE_multi_string(
+_EXPERIMENT = flags.DEFINE_string(
+    "experiment", None, "Registered experiment name (scripts/list_experiments.py).", required=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output directory: config.json, checkpoints/, tensorboard/.", required=True
+)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (overrides data.data_dir).")
+_OVERRIDE = flags.DEFINE_multi_string(
     "override", [], "Config assignment key=value, e.g. trainer.train_steps=20; repeatable."
 )
-flags.DEFINE_enum("strategy", "auto", list(distribute.STRATEGIES), "tf.distribute strategy.")
-flags.DEFINE_enum(
+_STRATEGY = flags.DEFINE_enum("strategy", "auto", list(distribute.STRATEGIES), "tf.distribute strategy.")
+_CLUSTER = flags.DEFINE_enum(
     "cluster", "tf_config", list(distribute.CLUSTERS), "Where the cluster is described: TF_CONFIG or Slurm."
 )
-flags.DEFINE_integer(
+_SLURM_PORT_BASE = flags.DEFINE_integer(
     "slurm_port_base", distribute.SLURM_PORT_BASE, "--cluster=slurm: port of a node's first task."
 )
-flags.DEFINE_bool("from_scratch", False, "Ignore model.pretrained_backbone and start from random weights.")
-flags.mark_flags_as_required(["experiment", "workdir"])
+_FROM_SCRATCH = flags.DEFINE_bool(
+    "from_scratch", False, "Ignore model.pretrained_backbone and start from random weights."
+)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    assignments = list(FLAGS.override)
-    if FLAGS.data_dir:
-        assignments.append(f"data.data_dir={FLAGS.data_dir}")
+    assignments = list(_OVERRIDE.value)
+    if _DATA_DIR.value:
+        assignments.append(f"data.data_dir={_DATA_DIR.value}")
     try:
         # A workdir that was trained before resumes with the config it wrote.
-        config = experiments.resolve(FLAGS.experiment, FLAGS.workdir, assignments)
+        config = experiments.resolve(_EXPERIMENT.value, _WORKDIR.value, assignments)
     except ConfigError as e:
         sys.exit(f"error: {e}")
     set_inter_op_threads(config.trainer.inter_op_threads)  # before the strategy starts TensorFlow
     try:
         strategy = distribute.make_strategy(
-            FLAGS.strategy, FLAGS.cluster, config.trainer.collective, FLAGS.slurm_port_base
+            _STRATEGY.value, _CLUSTER.value, config.trainer.collective, _SLURM_PORT_BASE.value
         )
     except ValueError as e:
         sys.exit(f"error: {e}")
     try:
-        result = train_lib.train(config, FLAGS.workdir, strategy, from_scratch=FLAGS.from_scratch)
-    except train_lib.Preempted as e:
+        result = training.train(config, _WORKDIR.value, strategy, from_scratch=_FROM_SCRATCH.value)
+    except training.Preempted as e:
         logging.warning("%s", e)
-        sys.exit(train_lib.PREEMPTED_EXIT_CODE)
-    except (train_lib.NonFiniteLossError, train_lib.WorkdirLockedError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(training.PREEMPTED_EXIT_CODE)
+    except (training.NonFiniteLossError, training.WorkdirLockedError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     evaluation = result.get("eval")
     if evaluation:

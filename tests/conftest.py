@@ -3,7 +3,7 @@
 import os
 
 # Quiet TensorFlow's C++ logs and keep runs on the CPU in every test process
-# (the GPU check, tests/test_gpu.py, gives its own process the user's GPUs back).
+# (the GPU check, tests/test_gpu_check.py, gives its own process the user's GPUs back).
 if "CUDA_VISIBLE_DEVICES" in os.environ:
     os.environ.setdefault("FCN_TF_USER_CUDA_VISIBLE_DEVICES", os.environ["CUDA_VISIBLE_DEVICES"])
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -223,7 +223,7 @@ def test_grad_accum_row_steps_k_micro_batches_of_the_same_size():
     m = _tiny_measurement(what="train", experiment="synthetic_r18_os8", batch=1, grad_accum=2)
     result = bm.run_tf(dataclasses.replace(m, model={**TINY, "num_classes": 5}))
     # The project's own accumulating step, 2 micro-batches of 1 image per call.
-    assert result["step"] == "fcn_tf.train_lib.make_train_step" and result["grad_accum"] == 2
+    assert result["step"] == "fcn_tf.training.make_train_step" and result["grad_accum"] == 2
     assert result["images_per_s"] == pytest.approx(2 / np.median(result["times"]))
 
 

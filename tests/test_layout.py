@@ -88,15 +88,6 @@ def test_build_md_layout_matches_the_tree():
 # Limits a newcomer can read in one sitting (nested functions count in their parent).
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80
-# Known excesses still being split up; this list only shrinks.
-KNOWN_LONG = {
-    "fcn_tf.train_lib",
-    "fcn_tf.train_lib.make_train_step",
-    "fcn_tf.gpu_check.check_train_step",
-    "fcn_tf.checkpoints.newest_readable",
-    "fcn_tf.train_lib.train",
-}
-KNOWN_CYCLES = []
 
 
 def _module_path(name: str) -> str:
@@ -158,7 +149,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_cycles():
     modules = set(_modules())
     graph = {m: _imports(m, modules) for m in modules}
-    assert _cycles(graph) == KNOWN_CYCLES
+    assert _cycles(graph) == []
 
 
 def _long_functions(name: str) -> list[str]:
@@ -182,7 +173,6 @@ def test_modules_and_functions_stay_readable():
         if len(open(_module_path(name)).read().splitlines()) > MAX_MODULE_LINES:
             too_long.add(name)
         too_long.update(_long_functions(name))
-    assert too_long <= KNOWN_LONG, (
-        f"over {MAX_MODULE_LINES} lines per module or {MAX_FUNCTION_LINES} per function"
+    assert not too_long, (
+        f"over {MAX_MODULE_LINES} lines per module or {MAX_FUNCTION_LINES} per function: {sorted(too_long)}"
     )
-    assert not KNOWN_LONG - too_long, f"fixed: remove from KNOWN_LONG {sorted(KNOWN_LONG - too_long)}"

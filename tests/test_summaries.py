@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fcn_tf import summaries, train_lib
+from fcn_tf import summaries, training
 from fcn_tf.config import ExperimentConfig, ModelConfig, TrainerConfig, override
 from harness import tiny
 
@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
         ),
     )
     config = override(config, "data.global_batch_size=4", "data.dataset=synthetic")
-    result = train_lib.train(
+    result = training.train(
         config,
         workdir,
         tf.distribute.get_strategy(),

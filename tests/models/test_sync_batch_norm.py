@@ -154,9 +154,9 @@ def _xla_two_replicas(strategy, sync_bn):
     """2-replica train steps with trainer.jit_compile: {"status": "ok", "max_diff"} or {"status": "refused", ...}."""
     import dataclasses
 
-    import test_train_step
+    from training import test_step as test_train_step
 
-    from fcn_tf import train_lib
+    from fcn_tf import training
     from fcn_tf.models.sync_batch_norm import SyncBatchNormXlaError
     from harness import tiny
 
@@ -175,7 +175,7 @@ def _xla_two_replicas(strategy, sync_bn):
 
     try:
         # What train() runs before building anything.
-        train_lib.apply_training_settings(config, strategy)
+        training.apply_training_settings(config, strategy)
     except SyncBatchNormXlaError as e:
         try:
             run(True)

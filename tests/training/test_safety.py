@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fcn_tf import train_lib
+from fcn_tf import training
 from fcn_tf.config import ExperimentConfig, ModelConfig, OptimizerConfig, TrainerConfig
 from harness import runs, tiny
 
@@ -31,7 +31,7 @@ def _train(workdir, config=None, dataset_fn=None, **kwargs):
 
     config = config or _config()
     config = override(config, "data.global_batch_size=4")
-    return train_lib.train(
+    return training.train(
         config,
         str(workdir),
         tf.distribute.get_strategy(),
@@ -54,7 +54,7 @@ def _poisoned_dataset_fn(good_steps: int, batch: int = 4):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    with pytest.raises(train_lib.NonFiniteLossError) as info:
+    with pytest.raises(training.NonFiniteLossError) as info:
         _train(tmp_path, dataset_fn=_poisoned_dataset_fn(good_steps=3))
     message = str(info.value)
     assert "non-finite loss nan at step 4" in message
@@ -87,7 +87,7 @@ def test_second_run_on_same_workdir_refuses(tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(train_lib.WorkdirLockedError) as info:
+        with pytest.raises(training.WorkdirLockedError) as info:
             _train(tmp_path)
         assert str(tmp_path) in str(info.value) and f"pid {holder.pid}" in str(info.value)
         # The refused run wrote nothing.
@@ -101,8 +101,8 @@ def test_second_run_on_same_workdir_refuses(tmp_path):
 
 
 def test_lock_in_the_same_process_also_refuses(tmp_path):
-    with train_lib.workdir_lock(str(tmp_path)):
-        with pytest.raises(train_lib.WorkdirLockedError, match=f"pid {os.getpid()}"):
+    with training.workdir_lock(str(tmp_path)):
+        with pytest.raises(training.WorkdirLockedError, match=f"pid {os.getpid()}"):
             _train(tmp_path)
 
 

@@ -82,8 +82,9 @@ def _assert_same_weights(a, b):
 def test_sigkill_after_checkpoint_then_restart_matches_straight_run(straight, data_dir, tmp_path):
     workdir = str(tmp_path / "killed")
     proc = _start(workdir, data_dir)
-    # The state file, not ckpt-2.index: the index appears before the save has recorded it.
-    first = os.path.join(workdir, "checkpoints", "checkpoint")
+    # A step is complete once its last part, the input position, is saved (the model goes
+    # first): its state file, not ckpt-2.index, which appears before the save has recorded it.
+    first = os.path.join(workdir, "checkpoints", "input", "worker-0", "checkpoint")
     deadline = time.time() + 300
     while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

@@ -10,36 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from harness import runs
+from harness import cluster, runs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _consecutive_free_ports(count):
-    """A first port such that it and the next count-1 ones are free (SlurmClusterResolver's port_base)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError("no free consecutive ports")
 
 
 def _task(port_base):
@@ -85,7 +63,7 @@ def _slurm_env(rank, tasks=2):
 
 
 def test_slurm_variables_of_two_tasks_give_a_two_worker_strategy():
-    base = _consecutive_free_ports(2)
+    base = cluster.consecutive_free_ports(2)
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "--task", str(base)],

@@ -1,4 +1,4 @@
-"""Damaged checkpoints, failed saves and leftovers of killed saves (fcn_tf.checkpoints).
+"""Damaged checkpoints, failed saves and leftovers of killed saves (fcn_tf.checkpoints, fcn_tf.training.recovery).
 
 Resume must verify the checkpoint it restores and fall back to the newest
 readable one; a save that fails must stop with one clear line and leave no
@@ -23,8 +23,9 @@ import pytest
 import tensorflow as tf
 from absl import logging as absl_logging
 
-from fcn_tf import checkpoints, train_lib
+from fcn_tf import checkpoints, training
 from fcn_tf.config import ExperimentConfig, ModelConfig, OptimizerConfig, TrainerConfig, override
+from fcn_tf.training import recovery
 from harness import runs, tiny
 
 
@@ -53,7 +54,7 @@ def _config(steps: int, num_classes: int = 3) -> ExperimentConfig:
 
 
 def _train(workdir, steps: int, num_classes: int = 3) -> dict:
-    return train_lib.train(
+    return training.train(
         _config(steps, num_classes),
         str(workdir),
         tf.distribute.get_strategy(),
@@ -203,7 +204,7 @@ def test_other_workers_only_read(workdir):
     directory = _ckpt_dir(workdir)
     _truncate(os.path.join(directory, DATA.format(6)))
     before = _digests(directory)
-    assert checkpoints.newest_readable(directory, set_aside=False) == os.path.join(directory, "ckpt-4")
+    assert recovery.newest_readable(directory, set_aside=False) == os.path.join(directory, "ckpt-4")
     assert _digests(directory) == before
 
 
@@ -213,7 +214,7 @@ def test_damaged_or_missing_state_file_finds_checkpoints_by_name(workdir, caplog
     with open(state, "w") as f:
         f.write("model_checkpoint_path: ckpt-6 ???\n")
     caplog.set_level(logging.INFO)
-    assert checkpoints.newest_readable(directory) == os.path.join(directory, "ckpt-6")
+    assert recovery.newest_readable(directory) == os.path.join(directory, "ckpt-6")
     assert "checkpoint state file" in caplog.text and "is damaged" in caplog.text
     with open(os.path.join(directory, "unreadable", "checkpoint")) as f:
         assert "???" in f.read()  # kept for inspection
@@ -221,7 +222,7 @@ def test_damaged_or_missing_state_file_finds_checkpoints_by_name(workdir, caplog
 
     os.remove(state)
     _truncate(os.path.join(directory, DATA.format(6)))
-    assert checkpoints.newest_readable(directory) == os.path.join(directory, "ckpt-4")
+    assert recovery.newest_readable(directory) == os.path.join(directory, "ckpt-4")
     assert _listed(workdir) == ["ckpt-2", "ckpt-4"]
     assert tf.train.latest_checkpoint(directory) == os.path.join(directory, "ckpt-4")
 

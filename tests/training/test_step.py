@@ -8,15 +8,13 @@ done. In-process tests cover gradient accumulation and mixed precision.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from harness.child import child_results, print_result
 
 GLOBAL_BATCH = 4
 
@@ -56,7 +54,7 @@ def run_steps(strategy, initial_weights, config, steps=2, bn=True):
     import keras
 
     from fcn_tf.optimizers import build_optimizer
-    from fcn_tf.train_lib import make_train_iterator, make_train_step
+    from fcn_tf.training import make_train_iterator, make_train_step
     from harness import tiny
 
     keras.utils.set_random_seed(0)
@@ -102,7 +100,7 @@ def _mirrored_resume_diffs(strategy, initial, config):
     import tensorflow as tf
 
     from fcn_tf.optimizers import build_optimizer
-    from fcn_tf.train_lib import make_train_iterator, make_train_step
+    from fcn_tf.training import make_train_iterator, make_train_step
     from harness import tiny
 
     def fresh():
@@ -161,35 +159,21 @@ def _child():
     _, full = run_steps(two, nobn_initial, config, bn=False)
     _, accum = run_steps(two, nobn_initial, _config(grad_accum_steps=2), bn=False)
     resume = _mirrored_resume_diffs(two, initial, config)
-    print(
-        "RESULT "
-        + json.dumps(
-            {
-                "step_diffs": _compare(single, double),
-                "grad_diffs": grads,
-                "moved": moved,
-                "accum_diffs": _compare(full, accum),
-                "loss": single[0]["metrics"]["total"],
-                "resume_diffs": resume,
-            }
-        )
+    print_result(
+        {
+            "step_diffs": _compare(single, double),
+            "grad_diffs": grads,
+            "moved": moved,
+            "accum_diffs": _compare(full, accum),
+            "loss": single[0]["metrics"]["total"],
+            "resume_diffs": resume,
+        }
     )
 
 
 @pytest.fixture(scope="module")
 def two_replica_results():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=os.path.dirname(HERE),
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(lines[-1][len("RESULT ") :])
+    return child_results(__file__, timeout=300)
 
 
 def test_two_replicas_equal_one_replica_loss_weights_and_bn_stats(two_replica_results):

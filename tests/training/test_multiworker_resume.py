@@ -2,7 +2,7 @@
 
 Each worker runs this file with --worker: MultiWorkerMirroredStrategy from its
 TF_CONFIG, a tiny model with synchronized BatchNorm, and a shuffled, sharded
-dataset whose examples carry their id. `train_lib.train`'s `input_observer`
+dataset whose examples carry their id. `training.train`'s `input_observer`
 appends the ids each step consumed to a per-worker file. The test compares,
 step by step and worker by worker, the ids of an interrupted-and-resumed run
 with an uninterrupted one, and the final weights.
@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 import pytest
-from test_multiworker import _free_ports
 
 from harness import runs, tiny
+from harness.cluster import free_ports
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -49,7 +49,7 @@ def _worker(workdir, ids_file, out, delay):
     import tensorflow as tf
     from absl import logging
 
-    from fcn_tf import distribute, train_lib
+    from fcn_tf import distribute, training
     from fcn_tf.config import ExperimentConfig, ModelConfig, OptimizerConfig, TrainerConfig, override
 
     logging.set_verbosity(logging.INFO)
@@ -71,7 +71,7 @@ def _worker(workdir, ids_file, out, delay):
         time.sleep(float(delay))  # a run slow enough to be killed mid-way
 
     holder = {}
-    result = train_lib.train(
+    result = training.train(
         config,
         workdir,
         strategy,
@@ -85,7 +85,7 @@ def _worker(workdir, ids_file, out, delay):
 
 
 def _start(tmp_path, workdir, name, delay):
-    ports = _free_ports(2)
+    ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     for index in range(2):
@@ -126,7 +126,7 @@ def _ids(path):
 
 @pytest.mark.slow
 def test_two_workers_killed_and_restarted_continue_exactly(tmp_path):
-    from fcn_tf import train_lib
+    from fcn_tf import training
 
     straight_dir, killed_dir = str(tmp_path / "straight"), str(tmp_path / "killed")
     _wait(_start(tmp_path, straight_dir, "straight", 0), tmp_path, "straight")
@@ -141,13 +141,13 @@ def test_two_workers_killed_and_restarted_continue_exactly(tmp_path):
     for proc in procs:
         proc.wait(timeout=60)
         assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed-w0.log").read_text()[-5000:]
-    killed_at = train_lib.resume_step(killed_dir, 2)
+    killed_at = training.resume_step(killed_dir, 2)
     assert 2 <= killed_at < STEPS, killed_at
     consumed = [_ids(tmp_path / f"killed-ids{k}.jsonl") for k in range(2)]
     assert max(consumed[0]) < STEPS, "the run was not interrupted mid-way"
     # Another worker count is refused, with both counts in one line.
     with pytest.raises(RuntimeError, match=r"on 1 worker\(s\): .* saved by 2 worker\(s\)"):
-        train_lib.resume_step(killed_dir, 1)
+        training.resume_step(killed_dir, 1)
 
     _wait(_start(tmp_path, killed_dir, "killed", 0), tmp_path, "killed")
     assert f"(from step {killed_at})" in (tmp_path / "killed-w1.log").read_text()

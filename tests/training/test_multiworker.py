@@ -2,7 +2,7 @@
 
 Each worker runs this file with --worker: it builds the strategy from its
 TF_CONFIG, trains a few steps of a tiny synthetic_r18_os8 (synchronized
-BatchNorm, dataset sharded by input context) through `train_lib.train` on a
+BatchNorm, dataset sharded by input context) through `training.train` on a
 shared workdir, and dumps its final weights. Only the chief locks the
 workdir, writes config/summaries and keeps model checkpoints; each worker
 keeps its own input position in checkpoints/input/worker-K.
@@ -12,27 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 
 from harness import runs
+from harness.cluster import free_ports
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 STEPS = 4
-
-
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _worker(workdir, data_dir, out):
@@ -40,7 +30,7 @@ def _worker(workdir, data_dir, out):
     from absl import logging
 
     import experiments
-    from fcn_tf import distribute, train_lib
+    from fcn_tf import distribute, training
     from fcn_tf.config import override
 
     logging.set_verbosity(logging.INFO)  # as scripts/train.py (absl.app) does
@@ -56,7 +46,7 @@ def _worker(workdir, data_dir, out):
         "trainer.eval_max_examples=2",
     )
     holder = {}
-    result = train_lib.train(
+    result = training.train(
         config, workdir, strategy, model_fn=lambda c: holder.setdefault("model", _build(c))
     )
     weights = {w.path: w.numpy() for w in holder["model"].weights}
@@ -78,7 +68,7 @@ def _build(config):
 def test_two_workers_train_to_identical_weights(tmp_path):
     data_dir = runs.make_synthetic_tfds(str(tmp_path / "data"))
     workdir = str(tmp_path / "run")
-    ports = _free_ports(2)
+    ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     for index in range(2):

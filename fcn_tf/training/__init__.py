@@ -1,0 +1,38 @@
+"""Training: `from fcn_tf import training; training.train(config, workdir)`.
+
+step.py      the distributed train step and the per-worker iterator that feeds it
+resume.py    what a step saves (model checkpoint, each worker's input position), the resume point
+recovery.py  the newest readable checkpoint: unreadable ones set aside, the state file repaired
+workdir.py   the workdir lock and config.json
+settings.py  process-wide settings made before the model is built (TF32, XLA + SyncBN check)
+loop.py      the controller: train(), checkpoints, summaries, evaluation, preemption, non-finite stop
+"""
+
+from fcn_tf.training.loop import (
+    PREEMPTED_EXIT_CODE,
+    NonFiniteLossError,
+    Preempted,
+    load_pretrained,
+    train,
+)
+from fcn_tf.training.resume import input_dir, resume_step
+from fcn_tf.training.settings import apply_training_settings
+from fcn_tf.training.step import TrainStep, make_train_iterator, make_train_step
+from fcn_tf.training.workdir import WorkdirLockedError, workdir_lock, write_config
+
+__all__ = [
+    "PREEMPTED_EXIT_CODE",
+    "NonFiniteLossError",
+    "Preempted",
+    "TrainStep",
+    "WorkdirLockedError",
+    "apply_training_settings",
+    "input_dir",
+    "load_pretrained",
+    "make_train_iterator",
+    "make_train_step",
+    "resume_step",
+    "train",
+    "workdir_lock",
+    "write_config",
+]

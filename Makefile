@@ -8,6 +8,7 @@ DEMO_DIR ?= runs/demo
 install:
 	$(PYTHON) -m pip install -e .
 
+# The test extras include ruff (pinned), so `make lint` works after this.
 install-test:
 	$(PYTHON) -m pip install -e .[test]
 
@@ -24,8 +25,9 @@ test: install-test
 test-slow: install-test
 	$(PYTHON) -m pytest -q --slow
 
+# `python -m ruff`: the ruff that install-test put beside $(PYTHON), not another one on PATH.
 lint:
-	ruff check . && ruff format --check .
+	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
 
 format:
-	ruff format . && ruff check --fix .
+	$(PYTHON) -m ruff format . && $(PYTHON) -m ruff check --fix .

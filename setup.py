@@ -48,7 +48,8 @@ setup(
         "test": [
             "pytest",
             "safetensors",
-            "ruff",
+            # The version .pre-commit-config.yaml pins: CI and the hook must agree on the rules.
+            "ruff==0.17.6",
             "psutil",
             "ai-edge-litert==2.3.0",
             "tf2onnx==1.17.0",

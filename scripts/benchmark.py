@@ -22,6 +22,7 @@ their mIoU, see benchmarks/export.py). The code is in benchmarks/ (not
 installed).
 """
 
+import importlib.util
 import os
 import sys
 
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
+import experiments
 from benchmarks import suite
 
 _EXPERIMENT = flags.DEFINE_string("experiment", None, "Registered experiment name.")
@@ -122,8 +124,14 @@ def main(argv):
             checkpoint=_CHECKPOINT.value,
             evaluate=_EVALUATE.value,
         )
+        if options.experiment:
+            experiments.get(options.experiment)  # an unknown name: fcn_tf.config.ConfigError, a ValueError
     except ValueError as error:
         sys.exit(f"error: {error}")
+    # Checked here: without torch every torchvision row would fail in its own child process.
+    missing = [m for m in ("torch", "torchvision") if importlib.util.find_spec(m) is None]
+    if options.compare == "torchvision" and missing:
+        sys.exit(f"error: --compare=torchvision needs {' and '.join(missing)}: pip install -e '.[bench]'")
     suite.run(options, log=lambda line: print(line, flush=True))
 
 

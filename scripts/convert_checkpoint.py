@@ -21,12 +21,19 @@ import experiments
 from fcn_tf import config as config_lib
 from fcn_tf.models import convert
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("experiment", None, "Experiment whose model the weights are for.", required=True)
-flags.DEFINE_string("input", None, "Checkpoint to convert (.pth, .npz, .safetensors).", required=True)
-flags.DEFINE_string("output", None, "Where to write the Keras weights (*.weights.h5).", required=True)
-flags.DEFINE_enum("kind", "auto", ["auto", "fcn", "backbone"], "Checkpoint kind; auto looks at the keys.")
-flags.DEFINE_multi_string(
+_EXPERIMENT = flags.DEFINE_string(
+    "experiment", None, "Experiment whose model the weights are for.", required=True
+)
+_INPUT = flags.DEFINE_string(
+    "input", None, "Checkpoint to convert (.pth, .npz, .safetensors).", required=True
+)
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "Where to write the Keras weights (*.weights.h5).", required=True
+)
+_KIND = flags.DEFINE_enum(
+    "kind", "auto", ["auto", "fcn", "backbone"], "Checkpoint kind; auto looks at the keys."
+)
+_OVERRIDE = flags.DEFINE_multi_string(
     "override", [], "Config overrides key=value, e.g. model.output_stride=16 (repeatable)."
 )
 
@@ -34,12 +41,13 @@ flags.DEFINE_multi_string(
 def main(argv):
     del argv
     try:
-        config = experiments.resolve(FLAGS.experiment, overrides=FLAGS.override)
-        output = os.path.expanduser(FLAGS.output)
+        config = experiments.resolve(_EXPERIMENT.value, overrides=_OVERRIDE.value)
+        output = os.path.expanduser(_OUTPUT.value)
         summary = convert.convert_checkpoint(
-            config.model, os.path.expanduser(FLAGS.input), output, FLAGS.kind
+            config.model, os.path.expanduser(_INPUT.value), output, _KIND.value
         )
-    except (config_lib.ConfigError, convert.ConversionError, FileNotFoundError, ValueError) as e:
+    # OSError: a missing input, an output folder that cannot be written, a full disk.
+    except (config_lib.ConfigError, convert.ConversionError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"converted {summary['converted']} tensors ({summary['kind']} checkpoint) -> {output}")
     if summary["skipped"]:

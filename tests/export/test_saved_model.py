@@ -393,7 +393,7 @@ def test_graph_loader_reads_the_weights(exported):
 
 
 def test_grpc_client_example_against_a_local_prediction_service(loaded):
-    """The README's gRPC client, against a stand-in PredictionService serving the loaded export.
+    """The gRPC client of docs/export.md, against a stand-in PredictionService serving the loaded export.
 
     No TF Serving binary can run here; the stand-in checks that the example's
     request (model spec, `images` input, output_filter) and its reading of
@@ -421,7 +421,7 @@ def test_grpc_client_example_against_a_local_prediction_service(loaded):
     server.start()
     try:
         jpeg = tf.io.encode_jpeg(random_image(15, 30, 42)).numpy()
-        # --- the README example, verbatim apart from the port and the bytes ---
+        # --- the docs/export.md example, verbatim apart from the port and the bytes ---
         channel = grpc.insecure_channel(f"localhost:{port}")
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         request = predict_pb2.PredictRequest()

@@ -8,6 +8,12 @@ if "CUDA_VISIBLE_DEVICES" in os.environ:
     os.environ.setdefault("FCN_TF_USER_CUDA_VISIBLE_DEVICES", os.environ["CUDA_VISIBLE_DEVICES"])
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Every child process (a script, a worker, `python -c`) imports this checkout's
+# fcn_tf and the harness first, not another copy an editable install points to.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_REPO, os.path.join(_REPO, "tests"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+)
 
 import pytest  # noqa: E402
 

@@ -176,3 +176,20 @@ def test_modules_and_functions_stay_readable():
     assert not too_long, (
         f"over {MAX_MODULE_LINES} lines per module or {MAX_FUNCTION_LINES} per function: {sorted(too_long)}"
     )
+
+
+def test_build_md_tour_names_exist():
+    text = open(os.path.join(ROOT, "BUILD.md")).read()
+    tour = re.search(r"## A newcomer's tour\n(.*?)\n## ", text, re.S).group(1)
+    entries = re.findall(r"`([\w/.*]+\.py)(?:::(\w+))?`", tour)
+    assert len(entries) >= 10, entries
+    missing = []
+    for path, name in entries:
+        if "*" in path:
+            continue
+        full = os.path.join(ROOT, path)
+        if not os.path.exists(full):
+            missing.append(path)
+        elif name and not re.search(rf"^(def|class) {name}\b|^{name}\b.*=", open(full).read(), re.M):
+            missing.append(f"{path}::{name}")
+    assert not missing, f"BUILD.md's tour names what does not exist: {missing}"

@@ -137,21 +137,19 @@ def test_list_images_and_output_names(tmp_path):
     assert predict_lib._output_stems(["d/a.jpg", "d/a.png", "d/b.png"]) == ["a_jpg", "a_png", "b"]
 
 
-def test_predict_script_reports_bad_files_and_exit_code(setup, tmp_path):
-    out = tmp_path / "out"
-    run = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "scripts", "predict.py"),
-            f"--export_dir={setup['base']}/1",
-            f"--input={setup['inputs']}",
-            f"--output={out}",
-        ],
+def _predict_script(*flags):
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "predict.py"), *flags],
         capture_output=True,
         text=True,
         cwd=REPO,
         env=runs.subprocess_env(TF_CPP_MIN_LOG_LEVEL="3"),  # this checkout's fcn_tf, not an installed one
     )
+
+
+def test_predict_script_reports_bad_files_and_exit_code(setup, tmp_path):
+    out = tmp_path / "out"
+    run = _predict_script(f"--export_dir={setup['base']}/1", f"--input={setup['inputs']}", f"--output={out}")
     assert run.returncode == 1, run.stderr
     lines = run.stdout.splitlines()
     assert lines[-1] == "3 of 6 images segmented, 3 failed: broken.jpg, empty.png, huge.png"
@@ -164,20 +162,12 @@ def test_predict_script_reports_bad_files_and_exit_code(setup, tmp_path):
 @pytest.mark.slow  # a fresh interpreter builds and restores the model: ~25-40 s
 def test_predict_script_single_good_file_from_checkpoint(setup, tmp_path):
     out = tmp_path / "out"
-    run = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "scripts", "predict.py"),
-            "--experiment=synthetic_r18_os8",
-            f"--checkpoint={setup['weights']}",
-            *(f"--override={o}" for o in OVERRIDES),
-            f"--input={setup['inputs']}/photo.jpg",
-            f"--output={out}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=runs.subprocess_env(TF_CPP_MIN_LOG_LEVEL="3"),  # this checkout's fcn_tf, not an installed one
+    run = _predict_script(
+        "--experiment=synthetic_r18_os8",
+        f"--checkpoint={setup['weights']}",
+        *(f"--override={o}" for o in OVERRIDES),
+        f"--input={setup['inputs']}/photo.jpg",
+        f"--output={out}",
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[-1] == "1 of 1 images segmented, 0 failed"

@@ -236,6 +236,7 @@ def convert_checkpoint(model_config, input_path: str, output_path: str, kind: st
     Returns:
       A summary dict: kind, number of tensors converted, skipped keys.
     """
+    from fcn_tf.models.layers import LayerSettings
     from fcn_tf.models.resnet import build_resnet
     from fcn_tf.models.segmenter import build_fcn
 
@@ -246,12 +247,9 @@ def convert_checkpoint(model_config, input_path: str, output_path: str, kind: st
         model = build_fcn(model_config, sync_bn=False)
         skipped = convert_fcn(model, state_dict, model_config)
     elif kind == "backbone":
+        settings = LayerSettings(model_config.bn_momentum, model_config.bn_epsilon)
         model = build_resnet(
-            model_config.backbone_depth,
-            model_config.output_stride,
-            model_config.stem,
-            model_config.bn_momentum,
-            model_config.bn_epsilon,
+            model_config.backbone_depth, model_config.output_stride, model_config.stem, settings
         )
         skipped = convert_backbone(model, state_dict, model_config)
     else:

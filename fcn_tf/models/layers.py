@@ -21,6 +21,7 @@ unchanged).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import keras
@@ -58,6 +59,41 @@ def resolve_kernels(kernels: str) -> str:
     if kernels == "auto":
         return "tensorflow" if devices.accelerators_visible() else "cpu_fast"
     return kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSettings:
+    """What every Conv2D and BatchNorm of one model shares, decided once by its builder.
+
+    Attributes:
+      bn_momentum: BatchNorm momentum in Keras terms (PyTorch's 0.1 is 0.9).
+      bn_epsilon: BatchNorm epsilon.
+      sync_bn: synchronize BatchNorm statistics across replicas.
+      kernels: "auto", "tensorflow" or "cpu_fast"; resolved (`resolve_kernels`)
+        when the settings are made, so every layer gets the same kernels.
+      packed_sync: False: synchronized BatchNorms run Keras' own implementation
+        instead of `fcn_tf.models.sync_batch_norm` (for side-by-side
+        comparisons; same variables).
+    """
+
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    sync_bn: bool = False
+    kernels: str = "auto"
+    packed_sync: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "kernels", resolve_kernels(self.kernels))
+
+    def conv(self, filters: int, kernel_size: int, name: str, **kwargs) -> Conv2D:
+        """A Conv2D on these kernels; without bias and He-normal initialized unless `kwargs` say otherwise."""
+        kwargs = {"use_bias": False, "kernel_initializer": "he_normal", **kwargs}
+        return Conv2D(filters, kernel_size, kernels=self.kernels, name=name, **kwargs)
+
+    def bn(self, name: str) -> BatchNorm:
+        """A BatchNorm with these statistics settings and kernels."""
+        statistics = dict(momentum=self.bn_momentum, epsilon=self.bn_epsilon, synchronized=self.sync_bn)
+        return BatchNorm(**statistics, kernels=self.kernels, packed_sync=self.packed_sync, name=name)
 
 
 @keras.saving.register_keras_serializable(package="fcn_tf")

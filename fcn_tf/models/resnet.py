@@ -17,7 +17,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from fcn_tf.models.layers import BatchNorm, Conv2D, resolve_kernels
+from fcn_tf.models.layers import LayerSettings
 
 # output_stride -> (strides of layer1..4, dilations of layer1..4).
 STAGE_STRIDES_DILATIONS = {
@@ -46,16 +46,12 @@ def stage_channels(depth: int) -> tuple[int, ...]:
 
 
 class _Builder:
-    """Creates named conv / BN / ReLU layers with shared settings."""
+    """Creates the named conv / BN / ReLU layers of a ResNet."""
 
-    def __init__(self, bn_momentum: float, bn_epsilon: float, sync_bn: bool, kernels: str, packed_sync: bool):
-        self.bn_momentum = bn_momentum
-        self.bn_epsilon = bn_epsilon
-        self.sync_bn = sync_bn
-        self.kernels = kernels
-        self.packed_sync = packed_sync
+    def __init__(self, settings: LayerSettings):
+        self.settings = settings
 
-    def conv(self, x, filters, kernel, name, stride=1, dilation=1, use_bias=False):
+    def conv(self, x, filters, kernel, name, stride=1, dilation=1):
         if kernel > 1 and stride > 1:
             # Symmetric padding as PyTorch's `padding=dilation*(k//2)`.
             x = layers.ZeroPadding2D(padding=dilation * (kernel // 2), name=f"{name}_pad")(x)
@@ -63,27 +59,12 @@ class _Builder:
         else:
             # For stride 1 and an odd kernel, "same" pads symmetrically.
             padding = "same"
-        return Conv2D(
-            filters,
-            kernel,
-            strides=stride,
-            dilation_rate=dilation,
-            padding=padding,
-            use_bias=use_bias,
-            kernel_initializer="he_normal",
-            kernels=self.kernels,
-            name=name,
+        return self.settings.conv(
+            filters, kernel, name, strides=stride, dilation_rate=dilation, padding=padding
         )(x)
 
     def bn(self, x, name):
-        return BatchNorm(
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            synchronized=self.sync_bn,
-            kernels=self.kernels,
-            packed_sync=self.packed_sync,
-            name=name,
-        )(x)
+        return self.settings.bn(name)(x)
 
     def conv_bn(self, x, filters, kernel, name, stride=1, dilation=1, relu=True, bn_name=None):
         x = self.conv(x, filters, kernel, name, stride=stride, dilation=dilation)
@@ -122,11 +103,7 @@ def build_resnet(
     depth: int = 50,
     output_stride: int = 8,
     stem: str = "deep",
-    bn_momentum: float = 0.9,
-    bn_epsilon: float = 1e-5,
-    sync_bn: bool = False,
-    kernels: str = "auto",
-    packed_sync: bool = True,
+    settings: LayerSettings | None = None,
     name: str = "backbone",
 ) -> keras.Model:
     """Builds a dilated ResNet returning `{"layer1", ..., "layer4"}` features.
@@ -136,14 +113,8 @@ def build_resnet(
       output_stride: 8, 16 or 32: the total downsampling of layer4.
       stem: "deep" (ResNet-v1c: 3x3 convs of 32, 32, 64 channels) or
         "standard" (one 7x7 conv of 64 channels).
-      bn_momentum: BatchNorm momentum in Keras terms.
-      bn_epsilon: BatchNorm epsilon.
-      sync_bn: synchronize BatchNorm statistics across replicas.
-      kernels: "auto", "tensorflow" or "cpu_fast" (see
-        `fcn_tf.models.layers.resolve_kernels`), resolved once here.
-      packed_sync: False: synchronized BatchNorms run Keras' own
-        implementation instead of `fcn_tf.models.sync_batch_norm` (for
-        side-by-side comparisons).
+      settings: BatchNorm and kernel settings shared by every layer
+        (default: `LayerSettings()`).
       name: model name.
 
     Returns:
@@ -155,7 +126,7 @@ def build_resnet(
         raise ValueError(
             f"unsupported output_stride {output_stride}; choose from {sorted(STAGE_STRIDES_DILATIONS)}"
         )
-    b = _Builder(bn_momentum, bn_epsilon, sync_bn, resolve_kernels(kernels), packed_sync)
+    b = _Builder(settings or LayerSettings())
     kind, blocks = DEPTH_BLOCKS[depth]
     strides, dilations = STAGE_STRIDES_DILATIONS[output_stride]
 

@@ -14,7 +14,7 @@ from keras import layers
 
 from fcn_tf.config import ModelConfig
 from fcn_tf.models.fcn_head import fcn_head
-from fcn_tf.models.layers import resolve_kernels
+from fcn_tf.models.layers import LayerSettings
 from fcn_tf.models.resnet import build_resnet
 
 
@@ -59,25 +59,9 @@ def build_fcn(
       A functional keras.Model with a nested "backbone" model and dict outputs.
     """
     sync = _sync_bn(config) if sync_bn is None else sync_bn
-    # Decided once for the whole model: every layer gets the same kernels.
-    kernels = resolve_kernels(config.kernels)
-    backbone = build_resnet(
-        depth=config.backbone_depth,
-        output_stride=config.output_stride,
-        stem=config.stem,
-        bn_momentum=config.bn_momentum,
-        bn_epsilon=config.bn_epsilon,
-        sync_bn=sync,
-        kernels=kernels,
-        packed_sync=packed_sync,
-    )
-    norm = dict(
-        bn_momentum=config.bn_momentum,
-        bn_epsilon=config.bn_epsilon,
-        sync_bn=sync,
-        kernels=kernels,
-        packed_sync=packed_sync,
-    )
+    # Decided once for the whole model: every layer gets the same kernels and BatchNorm settings.
+    settings = LayerSettings(config.bn_momentum, config.bn_epsilon, sync, config.kernels, packed_sync)
+    backbone = build_resnet(config.backbone_depth, config.output_stride, config.stem, settings)
     image = keras.Input(shape=(None, None, 3), name="image")
     features = backbone(image)
     outputs = {}
@@ -87,13 +71,18 @@ def build_fcn(
         config.head_channels,
         config.head_num_convs,
         config.dropout,
-        name="head",
-        **norm,
+        settings,
     )
     outputs["logits"] = ResizeLike(name="upsample")(logits, image)
     if config.aux_head:
         aux = fcn_head(
-            features["layer3"], config.num_classes, config.aux_channels, 1, config.dropout, name="aux", **norm
+            features["layer3"],
+            config.num_classes,
+            config.aux_channels,
+            1,
+            config.dropout,
+            settings,
+            name="aux",
         )
         outputs["aux_logits"] = ResizeLike(name="aux_upsample")(aux, image)
     return keras.Model(image, outputs, name=name)

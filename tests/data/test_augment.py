@@ -412,15 +412,20 @@ def small_config(**kw):
     return DataConfig(**values)
 
 
-def test_train_transform_output_and_labels(run):
-    image, label = make_example(50, 70)
-    config = small_config()
-    outputs = run.many(
+def _train_outputs(run, config, image, label, count):
+    # train_transform under `count` seeds, eagerly or in tf.data as `run` says.
+    return run.many(
         lambda im, lab, s: augment.train_transform(im, lab, s, config),
-        [seed(i) for i in range(6)],
+        [seed(i) for i in range(count)],
         image,
         label,
     )
+
+
+def test_train_transform_output_and_labels(run):
+    image, label = make_example(50, 70)
+    config = small_config()
+    outputs = _train_outputs(run, config, image, label, 6)
     for out_image, out_label in outputs:
         assert out_image.shape == (48, 64, 3) and out_image.dtype == np.float32
         assert out_label.shape == (48, 64) and out_label.dtype == np.int32
@@ -460,12 +465,7 @@ def test_train_transform_pads_small_images(run):
     # image pixels are exactly 0 after normalization, padded labels 255.
     image, label = make_example(50, 70, ignore_share=0.0)
     config = small_config(scale_target=(34, 24), ratio_range=(0.5, 1.0))
-    outputs = run.many(
-        lambda im, lab, s: augment.train_transform(im, lab, s, config),
-        [seed(i) for i in range(4)],
-        image,
-        label,
-    )
+    outputs = _train_outputs(run, config, image, label, 4)
     for out_image, out_label in outputs:
         rows = np.flatnonzero((out_label != IGNORE).any(axis=1))
         cols = np.flatnonzero((out_label != IGNORE).any(axis=0))

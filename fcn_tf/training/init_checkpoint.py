@@ -105,10 +105,12 @@ def source_model_config(resolved: str, target: ModelConfig) -> ModelConfig:
     saved = None if resolved.endswith(".weights.h5") else read_workdir_config(workdir)
     if saved is not None:
         return dataclasses.replace(saved.model, pretrained_backbone="", pretrained_backbone_source="")
-    if resolved.endswith(".weights.h5"):
-        counts = _classifier_classes_h5(resolved)
-    else:
-        counts = _classifier_classes_ckpt(resolved)
+    try:
+        counts = (_classifier_classes_h5 if resolved.endswith(".weights.h5") else _classifier_classes_ckpt)(
+            resolved
+        )
+    except (OSError, tf.errors.OpError) as e:
+        raise InitCheckpointError(f"{resolved}: not a readable weights file or checkpoint ({e})") from None
     if len(counts) != 1:
         raise InitCheckpointError(
             f"{resolved}: cannot tell the model's class count from its classifiers (found {sorted(counts)}); "
@@ -126,7 +128,7 @@ def _restored_source(path: str, target: ModelConfig) -> tuple[keras.Model, str, 
     source = build_fcn(source_config, sync_bn=False, name="init_source")
     try:
         checkpoints.restore_model(source, resolved)
-    except (ValueError, AssertionError, tf.errors.OpError) as e:
+    except (ValueError, AssertionError, OSError, tf.errors.OpError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InitCheckpointError(
             f"{resolved} does not hold an FCN of backbone depth {source_config.backbone_depth}, stem "

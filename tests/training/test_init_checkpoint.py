@@ -104,6 +104,10 @@ def test_not_an_fcn_is_one_line(tmp_path):
     model = build_fcn(_config(3, 1).model)
     with pytest.raises(training.InitCheckpointError, match="does not hold an FCN of backbone depth 18"):
         training.initialize(model, path, _config(3, 1).model)
+    damaged = tmp_path / "damaged.weights.h5"
+    damaged.write_bytes(open(path, "rb").read()[:100])
+    with pytest.raises(training.InitCheckpointError, match="damaged.weights.h5: not a readable weights file"):
+        training.initialize(model, str(damaged), _config(3, 1).model)
 
 
 def test_fine_tuning_logs_what_it_loaded_and_resumes_from_its_own_checkpoint(source_run, tmp_path, caplog):

@@ -42,6 +42,8 @@ flags.mark_flags_as_required(["dataset", "manual_dir", "data_dir"])
 def main(argv):
     del argv
     if _DATASET.value == "folder":
+        if not _NAME.value:
+            sys.exit("error: --dataset=folder needs --name=NAME (the prepared dataset is DATA_DIR/NAME/1.0.0)")
         try:
             folder_info.check_name(_NAME.value)
         except ValueError as e:

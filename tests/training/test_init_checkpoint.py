@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fcn_tf import checkpoints, training
+from fcn_tf import training
 from fcn_tf.config import ExperimentConfig, ModelConfig, OptimizerConfig, TrainerConfig, override
 from fcn_tf.models import build_fcn
 from harness import tiny
@@ -45,11 +45,12 @@ def _train(workdir, config, **kwargs):
 
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory):
-    """A trained 5-class run (its workdir) and its weights."""
+    """A 5-class run's workdir (config.json and checkpoints/ckpt-1, as training writes them) and its model."""
     workdir = tmp_path_factory.mktemp("source")
-    _train(workdir, _config(5, 1))
-    model = build_fcn(_config(5, 1).model, sync_bn=False)
-    checkpoints.restore_model(model, str(workdir))
+    config = _config(5, 1)
+    model = build_fcn(config.model, sync_bn=False)
+    training.write_config(config, str(workdir))
+    tf.train.Checkpoint(model=model).save(str(workdir / "checkpoints" / "ckpt"))
     return workdir, model
 
 
@@ -110,18 +111,20 @@ def test_not_an_fcn_is_one_line(tmp_path):
         training.initialize(model, str(damaged), _config(3, 1).model)
 
 
-def test_fine_tuning_logs_what_it_loaded_and_resumes_from_its_own_checkpoint(source_run, tmp_path, caplog):
-    workdir, _ = source_run
+@pytest.mark.slow
+def test_fine_tuning_logs_what_it_loaded_and_resumes_from_its_own_checkpoint(tmp_path, caplog):
+    source = tmp_path / "source"
+    _train(source, _config(5, 1))  # a real 5-class run
     caplog.set_level(logging.INFO)
     run = tmp_path / "finetune"
-    first = _train(run, _config(3, 2), init_checkpoint=str(workdir))
+    first = _train(run, _config(3, 2), init_checkpoint=str(source))
     log = caplog.text
     assert first["step"] == 2
-    assert f"Initialized from {workdir}/checkpoints/ckpt-1 (5 classes)" in log
+    assert f"Initialized from {source}/checkpoints/ckpt-1 (5 classes)" in log
     assert "Re-initialized 4 weights: " in log and "aux_classifier/kernel (shape (1, 1, 8, 5)" in log
     caplog.clear()
     # The interrupted run is rerun with the same command: it resumes, it does not re-initialize.
-    second = _train(run, _config(3, 4), init_checkpoint=str(workdir))
+    second = _train(run, _config(3, 4), init_checkpoint=str(source))
     assert second["step"] == 4
     assert f"Resumed from {run}/checkpoints/ckpt-2 (step 2)" in caplog.text
     assert "Initialized from" not in caplog.text

@@ -43,7 +43,9 @@ def main(argv):
     del argv
     if _DATASET.value == "folder":
         if not _NAME.value:
-            sys.exit("error: --dataset=folder needs --name=NAME (the prepared dataset is DATA_DIR/NAME/1.0.0)")
+            sys.exit(
+                "error: --dataset=folder needs --name=NAME (the prepared dataset is DATA_DIR/NAME/1.0.0)"
+            )
         try:
             folder_info.check_name(_NAME.value)
         except ValueError as e:

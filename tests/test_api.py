@@ -12,6 +12,7 @@ import tensorflow as tf
 import experiments
 import fcn_tf
 from fcn_tf import training
+from fcn_tf.config import ConfigError
 from fcn_tf.data import sources, synthetic
 from fcn_tf.models import build_fcn
 from harness.runs import TINY_OVERRIDES
@@ -70,3 +71,13 @@ def test_numpy_image_and_file_give_the_same_labels(untrained_dir):
     assert from_file.class_names == ["background", "disc", "square", "triangle", "ring"]
     with pytest.raises(ValueError, match=r"uint8 \(H, W, 3\)"):
         segmenter.segment(np.zeros((4, 4), np.uint8))
+
+
+def test_checkpoint_outside_a_workdir_needs_its_config(untrained_dir):
+    prefix = tf.train.latest_checkpoint("runs/demo/checkpoints")
+    with pytest.raises(ConfigError, match="pass its config"):
+        fcn_tf.Segmenter.load(prefix)
+    config = experiments.resolve("synthetic_r18_os8", workdir="runs/demo")
+    by_prefix = fcn_tf.Segmenter.load(prefix, config).segment("photo.png")
+    by_workdir = fcn_tf.Segmenter.load("runs/demo").segment("photo.png")
+    np.testing.assert_array_equal(by_prefix.labels, by_workdir.labels)

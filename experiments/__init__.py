@@ -7,6 +7,11 @@ published mIoU of each). Each is its dataset's recipe (`voc`, `ade20k`,
 
     python scripts/train.py --experiment=ade20k_r50_os8 --workdir=/tmp/run
 
+The `folder_*` experiments are the same recipe on a user's own dataset
+(`scripts/prepare_data.py --dataset=folder --name=NAME`), chosen with
+`--override=data.name=NAME`; its class count, names and palette are read
+from the prepared dataset by `resolve` (docs/custom_data.md).
+
 The `synthetic_*` experiments train on the generated dataset
 (`scripts/make_synthetic.py`) in minutes on a CPU; they are the demo and
 the tests' default.
@@ -32,6 +37,7 @@ from fcn_tf.config import (
     validate,
 )
 from fcn_tf.data.classes import SPLIT_SIZES, num_classes
+from fcn_tf.data.folder_info import with_dataset_classes
 
 # OpenMMLab's ImageNet ResNet-v1c checkpoints, the reference's starting point.
 _PRETRAINED_URL = {
@@ -134,6 +140,31 @@ def cityscapes() -> ExperimentConfig:
     )
 
 
+def folder() -> ExperimentConfig:
+    """A user's folder dataset (data.name=NAME) with the reference's VOC/ADE20k recipe.
+
+    512x512 crops, keep-ratio resize (2048, 512) x [0.5, 2], photometric
+    distortion, SGD 0.01, poly, aux 0.4, batch 16. The class count, names and
+    palette come from the prepared dataset (`resolve`); the evaluation split
+    is the "val" folder.
+    """
+    return ExperimentConfig(
+        name="folder",
+        description="your folder dataset (--override=data.name=NAME), reference recipe",
+        data=DataConfig(
+            dataset="folder",
+            train_split="train",
+            eval_split="val",
+            crop_size=(512, 512),
+            scale_target=(2048, 512),
+            eval_target=(2048, 512),
+            global_batch_size=16,
+        ),
+        trainer=TrainerConfig(train_steps=20000, checkpoint_every=2000, eval_every=0),
+        eval=EvalConfig(crop_size=(512, 512), stride=(341, 341)),
+    )
+
+
 def _fcn(base: ExperimentConfig, name: str, depth: int, output_stride: int) -> ExperimentConfig:
     """FCN-R{depth}-D{output_stride} on `base`'s recipe, from the ImageNet ResNet-v1c backbone."""
     return dataclasses.replace(
@@ -196,6 +227,22 @@ def cityscapes_r101_os8() -> ExperimentConfig:
 
 def cityscapes_r101_os16() -> ExperimentConfig:
     return _fcn(cityscapes(), "cityscapes_r101_os16", 101, 16)
+
+
+def folder_r50_os8() -> ExperimentConfig:
+    return _fcn(folder(), "folder_r50_os8", 50, 8)
+
+
+def folder_r50_os16() -> ExperimentConfig:
+    return _fcn(folder(), "folder_r50_os16", 50, 16)
+
+
+def folder_r101_os8() -> ExperimentConfig:
+    return _fcn(folder(), "folder_r101_os8", 101, 8)
+
+
+def folder_r101_os16() -> ExperimentConfig:
+    return _fcn(folder(), "folder_r101_os16", 101, 16)
 
 
 def synthetic_r18_os8() -> ExperimentConfig:
@@ -265,6 +312,10 @@ EXPERIMENTS: dict[str, Callable[[], ExperimentConfig]] = {
     "cityscapes_r50_os16": cityscapes_r50_os16,
     "cityscapes_r101_os8": cityscapes_r101_os8,
     "cityscapes_r101_os16": cityscapes_r101_os16,
+    "folder_r50_os8": folder_r50_os8,
+    "folder_r50_os16": folder_r50_os16,
+    "folder_r101_os8": folder_r101_os8,
+    "folder_r101_os16": folder_r101_os16,
     "synthetic_r18_os8": synthetic_r18_os8,
     "synthetic_r50_os8": synthetic_r50_os8,
 }
@@ -288,7 +339,9 @@ def resolve(name: str, workdir: str | None = None, overrides=()) -> ExperimentCo
     `WORKDIR/config.json` when there is one (so evaluation, export, predict
     and a resumed training rebuild the model that was trained), else the
     registered experiment `name`; then `overrides` are applied in order and
-    the result is validated.
+    the result is validated. A folder dataset's class count, names and
+    palette are read from the prepared dataset (`data.name`) unless the
+    workdir's config already holds them.
 
     Args:
       name: a registered experiment name.
@@ -299,7 +352,8 @@ def resolve(name: str, workdir: str | None = None, overrides=()) -> ExperimentCo
     Raises:
       ConfigError: unknown experiment, a workdir trained with ANOTHER
         experiment (the one rule for a name mismatch: refuse, naming both),
-        an unreadable config.json, or a bad override.
+        an unreadable config.json, a bad override, or a folder experiment
+        without data.name or whose dataset is not prepared.
     """
     config = get(name)
     saved = read_workdir_config(workdir)
@@ -310,4 +364,4 @@ def resolve(name: str, workdir: str | None = None, overrides=()) -> ExperimentCo
                 f"pass --experiment={saved.name} or another workdir"
             )
         config = saved
-    return validate(override(config, *overrides))
+    return validate(with_dataset_classes(override(config, *overrides)))

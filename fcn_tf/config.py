@@ -18,7 +18,7 @@ from typing import Any
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
-DATASETS = ("voc_aug", "ade20k", "cityscapes", "synthetic")
+DATASETS = ("voc_aug", "ade20k", "cityscapes", "synthetic", "folder")
 DEPTHS = (18, 34, 50, 101, 152)
 OUTPUT_STRIDES = (8, 16, 32)
 STEMS = ("deep", "standard")
@@ -88,7 +88,13 @@ class DataConfig:
     `scale = min(max(target) / max(h, w), min(target) / min(h, w))`.
 
     Attributes:
-      dataset: one of `DATASETS`.
+      dataset: one of `DATASETS`; "folder" is a user's own dataset, prepared
+        with `scripts/prepare_data.py --dataset=folder --name=NAME`.
+      name: the prepared folder dataset's NAME (dataset "folder" only).
+      class_names: the folder dataset's class names, read from the prepared
+        dataset by `experiments.resolve` (empty: the built-in dataset's).
+      palette: its display colours, flat R, G, B per class (empty: the
+        built-in dataset's).
       data_dir: where `scripts/prepare_data.py` wrote the TFDS datasets.
       train_split: TFDS split used for training.
       eval_split: TFDS split used for evaluation.
@@ -111,6 +117,9 @@ class DataConfig:
     """
 
     dataset: str = "voc_aug"
+    name: str = ""
+    class_names: tuple[str, ...] = ()
+    palette: tuple[int, ...] = ()
     data_dir: str = "~/tensorflow_datasets"
     train_split: str = "train"
     eval_split: str = "validation"
@@ -249,6 +258,14 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     check(m.head_channels > 0 and m.aux_channels > 0, "model head/aux channels must be positive")
     check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     check(d.dataset in DATASETS, f"data.dataset={d.dataset!r} not in {DATASETS}")
+    check(
+        not d.class_names or len(d.class_names) == m.num_classes,
+        f"data.class_names has {len(d.class_names)} names for model.num_classes={m.num_classes}",
+    )
+    check(
+        not d.palette or len(d.palette) == 3 * len(d.class_names),
+        f"data.palette has {len(d.palette)} values, not R, G, B for each of the {len(d.class_names)} class names",
+    )
     check(
         0 <= d.ignore_label <= 255 and d.ignore_label >= m.num_classes,
         f"data.ignore_label={d.ignore_label} must be in [model.num_classes={m.num_classes}, 255]",

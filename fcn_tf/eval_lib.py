@@ -190,7 +190,7 @@ def evaluate(
     dist_dataset = strategy.distribute_datasets_from_function(_dataset_fn(dataset, config, max_examples))
     save = bool(save_predictions_dir)
     step = make_eval_step(model, config, strategy, dist_dataset.element_spec, with_predictions=save)
-    palette = classes.palette_for(config.data.dataset, num_classes) if save else None
+    palette = classes.palette_for(config.data.dataset, num_classes, config.data.palette) if save else None
     label_ids = classes.cityscapes_label_ids() if save and config.data.dataset == "cityscapes" else None
 
     matrix = ConfusionMatrix(num_classes, config.data.ignore_label)
@@ -217,7 +217,7 @@ def evaluate(
         raise ValueError(f"the evaluation dataset of {config.name!r} yielded no examples")
     result = matrix.result()
     result.update(
-        class_names=classes.class_names_for(config.data.dataset, num_classes),
+        class_names=classes.class_names_for(config.data.dataset, num_classes, config.data.class_names),
         confusion_matrix=matrix.matrix.copy(),
         num_examples=examples,
         seconds=seconds,

@@ -148,7 +148,7 @@ def class_names(config) -> list[str]:
     Args:
       config: the experiment (data.dataset, model.num_classes).
     """
-    return classes.class_names_for(config.data.dataset, config.model.num_classes)
+    return classes.class_names_for(config.data.dataset, config.model.num_classes, config.data.class_names)
 
 
 def image_batch(dataset: tf.data.Dataset, count: int) -> tuple[list, list]:
@@ -183,7 +183,7 @@ def write_predictions(writer: tf.summary.SummaryWriter, step: int, model, batch,
     """
     images, labels = batch
     predictions = [tf.argmax(model(x, training=False)["logits"], axis=-1) for x in images]
-    palette = classes.palette_for(config.data.dataset, config.model.num_classes)
+    palette = classes.palette_for(config.data.dataset, config.model.num_classes, config.data.palette)
     write_segmentation_images(
         writer,
         step,

@@ -19,7 +19,7 @@ from fcn_tf.devices import prefer_onednn
 
 prefer_onednn()  # before TensorFlow is imported
 
-from absl import app, flags, logging
+from absl import app, flags
 
 import experiments
 from fcn_tf import config as config_lib
@@ -62,54 +62,6 @@ def eval_overrides(mode=None, scales=None, flip=None, data_dir=None) -> list[str
     return assignments
 
 
-def headline(error: Exception, limit: int = 400) -> str:
-    """The start of a long error message on one line.
-
-    Keras and tf.train follow their first line with every unmatched variable and
-    its values; Keras' first line ends in ":" and the next one says what failed.
-
-    Args:
-      error: the exception.
-      limit: the most characters kept.
-    """
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-    text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
-def restore(model, path: str, name: str) -> str:
-    """Loads the weights at `path` into `model`; every anticipated failure ends in one line.
-
-    Args:
-      model: the experiment's FCN, built.
-      path: a workdir, checkpoint prefix or `.weights.h5` file.
-      name: the experiment's name, for the message.
-
-    Returns:
-      The checkpoint actually restored.
-    """
-    # Imported here as in main: bad arguments are reported before TensorFlow loads.
-    import tensorflow as tf
-
-    from fcn_tf import checkpoints
-
-    try:
-        resolved = checkpoints.resolve(path)
-        if not resolved.endswith(".weights.h5"):
-            # A truncated or damaged file fails the restore with a bare IndexError or
-            # DataLossError; verify names the file and what is wrong with it.
-            checkpoints.verify(resolved)
-        return checkpoints.restore_model(model, resolved)
-    except (FileNotFoundError, checkpoints.UnreadableCheckpointError) as e:
-        sys.exit(f"error: {e}")
-    except (ValueError, AssertionError) as e:
-        sys.exit(
-            f"error: {path} does not hold the weights of {name}'s model (as configured here): {headline(e)}"
-        )
-    except tf.errors.OpError as e:
-        sys.exit(f"error: cannot read the checkpoint {path}: {headline(e)}")
-
-
 def write_output(path: str, record: dict) -> None:
     """Writes `record` as JSON to `path`, creating its folder; a failure ends in one line.
 
@@ -139,36 +91,27 @@ def main(argv):
         sys.exit(f"error: {e}")
 
     # TensorFlow is imported only now, so that bad arguments are reported at once.
-    from fcn_tf import distribute, eval_lib
+    from fcn_tf import api, distribute, eval_lib
     from fcn_tf.metrics import format_table
-    from fcn_tf.models import build_fcn
 
     try:
         strategy = distribute.make_strategy(_STRATEGY.value)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    with strategy.scope():
-        model = build_fcn(config.model)
-    restored = restore(model, _WORKDIR.value or _CHECKPOINT.value, config.name)
     eval_config = config.eval
-    logging.info(
-        "Evaluating %s from %s on %s/%s: mode=%s scales=%s flip=%s, %d replica(s)",
-        config.name, restored, config.data.dataset, config.data.eval_split, eval_config.mode,
-        eval_config.scales, eval_config.flip,
-        strategy.num_replicas_in_sync,
-    )  # fmt: skip
-
     try:
-        result = eval_lib.evaluate(
-            model,
-            None,  # eval_lib builds fcn_tf.data.build_dataset(config.data, training=False) per input pipeline
+        result = api.evaluate(
             config,
+            _WORKDIR.value or _CHECKPOINT.value,
             strategy=strategy,
             max_examples=_MAX_EXAMPLES.value,
             save_predictions_dir=_SAVE_PREDICTIONS.value,
         )
-    except FileNotFoundError as e:  # the dataset is not prepared in data.data_dir: the message says how
+    # FileNotFoundError: no checkpoint there, or the dataset is not prepared in data.data_dir
+    # (the message says how); CheckpointError: a damaged checkpoint or another model's.
+    except (FileNotFoundError, api.CheckpointError) as e:
         sys.exit(f"error: {e}")
+    restored = result.pop("checkpoint")
     if not distribute.is_chief(strategy):
         return
     print(format_table(result, result["class_names"]))

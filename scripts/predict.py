@@ -19,7 +19,7 @@ prefer_onednn()  # before TensorFlow is imported
 from absl import app, flags
 
 import experiments
-from fcn_tf import export, predict_lib
+from fcn_tf import api, export, predict_lib
 from fcn_tf.config import ConfigError
 
 _EXPORT_DIR = flags.DEFINE_string(
@@ -51,7 +51,7 @@ def main(argv):
         missing = export.missing_requirements([runtime]) if runtime else None
         if missing:
             sys.exit(f"predict.py: {missing}")
-        predictor = predict_lib.Predictor.load(_EXPORT_DIR.value, _MAX_PIXELS.value)
+        segmenter = api.Segmenter(predict_lib.Predictor.load(_EXPORT_DIR.value, _MAX_PIXELS.value))
     else:
         if not _EXPERIMENT.value:
             raise app.UsageError("--checkpoint needs --experiment")
@@ -60,9 +60,9 @@ def main(argv):
             config = experiments.resolve(_EXPERIMENT.value, workdir, _OVERRIDE.value)
         except ConfigError as e:
             sys.exit(f"error: {e}")
-        predictor = predict_lib.Predictor.from_checkpoint(config, _CHECKPOINT.value, _MAX_PIXELS.value)
+        segmenter = api.Segmenter.load(_CHECKPOINT.value, config, _MAX_PIXELS.value)
     paths = predict_lib.list_images(_INPUT.value)
-    results = predict_lib.predict_files(predictor, paths, _OUTPUT.value, alpha=_ALPHA.value)
+    results = segmenter.segment_files(paths, _OUTPUT.value, alpha=_ALPHA.value)
     print(predict_lib.summary(results))
     if not paths or any(r.error for r in results):
         sys.exit(1)

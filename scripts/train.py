@@ -3,6 +3,12 @@
     python scripts/train.py --experiment=ade20k_r50_os8 --workdir=runs/ade20k_r50_os8 \
         [--data_dir=~/tensorflow_datasets] [--override=trainer.train_steps=1000 ...] \
         [--strategy=auto|mirrored|multiworker|default] [--cluster=tf_config|slurm] [--from_scratch]
+        [--init_checkpoint=PATH]
+
+Fine-tuning: --init_checkpoint=PATH (a converted reference model .weights.h5, or another fcn_tf
+workdir or checkpoint) starts a new run from every weight whose name and shape match; the
+classifiers of another class count start fresh, and the log lists what was loaded and what
+re-initialized. Rerunning an interrupted fine-tuning resumes from its own checkpoint.
 
 The strategy follows the machine (multi-worker when the cluster has several
 workers, else mirrored over the local GPUs, else the CPU). The cluster is
@@ -47,6 +53,11 @@ _FROM_SCRATCH = flags.DEFINE_bool(
 )
 
 
+_INIT_CHECKPOINT = flags.DEFINE_string(
+    "init_checkpoint", "", "Fine-tune: start a new run from this checkpoint's matching weights."
+)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -66,11 +77,23 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"error: {e}")
     try:
-        result = training.train(config, _WORKDIR.value, strategy, from_scratch=_FROM_SCRATCH.value)
+        result = training.train(
+            config,
+            _WORKDIR.value,
+            strategy,
+            from_scratch=_FROM_SCRATCH.value,
+            init_checkpoint=_INIT_CHECKPOINT.value,
+        )
     except training.Preempted as e:
         logging.warning("%s", e)
         sys.exit(training.PREEMPTED_EXIT_CODE)
-    except (training.NonFiniteLossError, training.WorkdirLockedError, FileNotFoundError, RuntimeError) as e:
+    except (
+        training.NonFiniteLossError,
+        training.WorkdirLockedError,
+        training.InitCheckpointError,
+        FileNotFoundError,
+        RuntimeError,
+    ) as e:
         sys.exit(f"error: {e}")
     evaluation = result.get("eval")
     if evaluation:

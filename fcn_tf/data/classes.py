@@ -193,23 +193,28 @@ def cityscapes_label_ids() -> np.ndarray:
     return table
 
 
-def class_names_for(dataset: str, num_classes: int) -> list[str]:
+def class_names_for(dataset: str, num_classes: int, names: tuple[str, ...] = ()) -> list[str]:
     """The dataset's class names, or "class_0".. when the model has another number of classes.
 
     Args:
       dataset: a DataConfig.dataset value.
       num_classes: the model's classes.
+      names: DataConfig.class_names (a folder dataset's own), used when given.
     """
-    names = class_names(dataset) if dataset in _NAMES else []
+    names = list(names) or (class_names(dataset) if dataset in _NAMES else [])
     return names if len(names) == num_classes else [f"class_{i}" for i in range(num_classes)]
 
 
-def palette_for(dataset: str, num_classes: int) -> np.ndarray:
+def palette_for(dataset: str, num_classes: int, flat: tuple[int, ...] = ()) -> np.ndarray:
     """The dataset's uint8 (num_classes, 3) palette, or the VOC colour map when it does not fit.
 
     Args:
       dataset: a DataConfig.dataset value.
       num_classes: the model's classes.
+      flat: DataConfig.palette (a folder dataset's own, R, G, B per class), used when given.
     """
-    colours = palette(dataset) if dataset in _NAMES else np.zeros((0, 3), np.uint8)
+    if flat:
+        colours = np.asarray(flat, np.uint8).reshape(-1, 3)
+    else:
+        colours = palette(dataset) if dataset in _NAMES else np.zeros((0, 3), np.uint8)
     return colours if len(colours) == num_classes else voc_colormap(num_classes)

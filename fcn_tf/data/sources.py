@@ -13,6 +13,7 @@ DataConfig.dataset names the builder:
   ade20k      fcn_tf.data.ade20k.Ade20k         -> DATA_DIR/ade20k/1.0.0
   cityscapes  fcn_tf.data.cityscapes.Cityscapes -> DATA_DIR/cityscapes/2.0.0
   synthetic   fcn_tf.data.synthetic.Synthetic   -> DATA_DIR/synthetic/1.0.0
+  folder      fcn_tf.data.folder.FolderBuilder  -> DATA_DIR/NAME/1.0.0 (DataConfig.name)
 
 A dataset prepared by an older version of fcn_tf in another format (e.g.
 cityscapes/1.0.0) is not read: `load_split` says to prepare it again.
@@ -34,6 +35,8 @@ from fcn_tf.config import DataConfig
 from fcn_tf.data import encoded, raw_examples, records
 from fcn_tf.data.ade20k import Ade20k
 from fcn_tf.data.cityscapes import Cityscapes
+from fcn_tf.data.folder import FolderBuilder
+from fcn_tf.data.folder import builder_class as folder_builder_class
 from fcn_tf.data.raw_examples import BadExampleError
 from fcn_tf.data.synthetic import Synthetic
 from fcn_tf.data.tfds_builder import SegmentationBuilder
@@ -44,6 +47,7 @@ BUILDERS: dict[str, type[SegmentationBuilder]] = {
     "ade20k": Ade20k,
     "cityscapes": Cityscapes,
     "synthetic": Synthetic,
+    "folder": FolderBuilder,
 }
 
 
@@ -66,15 +70,19 @@ class PrepareResult:
     skipped: list[BadExampleError]
 
 
-def builder_class(dataset: str) -> type[SegmentationBuilder]:
-    """The builder class of `dataset` (a DataConfig.dataset value)."""
+def builder_class(dataset: str, name: str = "") -> type[SegmentationBuilder]:
+    """The builder class of `dataset` (a DataConfig.dataset value; "folder" with the dataset's `name`)."""
     if dataset not in BUILDERS:
         raise KeyError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(BUILDERS)}")
+    if dataset == "folder":
+        return folder_builder_class(name)
     return BUILDERS[dataset]
 
 
-def prepare_command(dataset: str, data_dir: str) -> str:
+def prepare_command(dataset: str, data_dir: str, name: str = "") -> str:
     """The command line that prepares `dataset` into `data_dir` (for messages)."""
+    if dataset == "folder":
+        return f"python scripts/prepare_data.py --dataset=folder --manual_dir=ROOT --name={name} --data_dir={data_dir}"
     if dataset == "synthetic":
         return (
             "python scripts/make_synthetic.py --output_dir=data/synthetic_raw && "
@@ -90,6 +98,7 @@ def prepare(
     *,
     skip_bad_examples: bool = False,
     allow_count_mismatch: bool = False,
+    name: str = "",
 ) -> PrepareResult:
     """Builds `dataset` from `manual_dir` into `data_dir`, all or nothing.
 
@@ -105,6 +114,7 @@ def prepare(
       skip_bad_examples: skip and count bad examples instead of stopping.
       allow_count_mismatch: accept split sizes that differ from the real
         dataset's (subsets, fixtures).
+      name: the folder dataset's name (dataset "folder": DATA_DIR/NAME/VERSION).
 
     Returns:
       A PrepareResult.
@@ -115,7 +125,7 @@ def prepare(
       tfds_builder.CountMismatchError: split sizes differ from the real dataset.
       BadExampleError: a bad example (without `skip_bad_examples`).
     """
-    cls = builder_class(dataset)
+    cls = builder_class(dataset, name)
     manual_dir = Path(manual_dir).expanduser()
     data_dir = Path(data_dir).expanduser()
     if not manual_dir.is_dir() or not any(manual_dir.iterdir()):
@@ -125,11 +135,11 @@ def prepare(
     data_dir.mkdir(parents=True, exist_ok=True)
     # A killed run cannot clean up after itself; say so rather than delete a
     # folder that a concurrent run may still be writing.
-    for stale in sorted(data_dir.glob(f".prepare_{dataset}_*")):
+    for stale in sorted(data_dir.glob(f".prepare_{cls.name}_*")):
         logging.warning(
             "%s: temporary folder of an interrupted or concurrent prepare; delete it if unused", stale
         )
-    tmp = Path(tempfile.mkdtemp(prefix=f".prepare_{dataset}_", dir=data_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".prepare_{cls.name}_", dir=data_dir))
     try:
         builder = cls(
             data_dir=str(tmp), skip_bad_examples=skip_bad_examples, allow_count_mismatch=allow_count_mismatch
@@ -142,6 +152,7 @@ def prepare(
         built = Path(builder.data_path)
         shards = [f for split in builder.info.splits.values() for f in split.filenames]
         records.write_index(str(built), [str(built / f) for f in shards])
+        builder.finish(str(built))
         final = data_dir / built.relative_to(tmp)
         final.parent.mkdir(parents=True, exist_ok=True)
         previous = tmp / "previous"
@@ -160,9 +171,9 @@ def prepare(
 
 def _builder(data_config: DataConfig) -> SegmentationBuilder:
     data_dir = os.path.expanduser(data_config.data_dir)
-    builder = builder_class(data_config.dataset)(data_dir=data_dir)
+    builder = builder_class(data_config.dataset, data_config.name)(data_dir=data_dir)
     if not builder.is_prepared():
-        command = prepare_command(data_config.dataset, data_config.data_dir)
+        command = prepare_command(data_config.dataset, data_config.data_dir, data_config.name)
         dataset_dir = Path(builder.data_path).parent
         older = sorted(
             p.name

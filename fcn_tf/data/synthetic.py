@@ -19,7 +19,11 @@ random colours, busier backgrounds) gave 0.53 after a 200-step schedule. Like VO
   OUT/VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt
 
 which the `Synthetic` builder reads with the VOC reader (`voc.voc_split`).
-The content depends only on the seed, the counts and the size.
+With `layout="folder"` it writes the same examples in the folder dataset's
+layout (`fcn_tf.data.folder`): images/{train,val}/ID.jpg,
+annotations/{train,val}/ID.png (class indices, or with `coloured` RGB in the
+class colours, the band in white declared "ignore 255 255 255") and
+classes.txt. The content depends only on the seed, the counts and the size.
 """
 
 from __future__ import annotations
@@ -123,8 +127,10 @@ def write_dataset(
     seed: int = 0,
     height: int = 96,
     width: int = 128,
+    layout: str = "voc",
+    coloured: bool = False,
 ) -> Path:
-    """Writes the synthetic dataset in the VOC layout (see the module docstring).
+    """Writes the synthetic dataset in the VOC or the folder layout (see the module docstring).
 
     Args:
       output_dir: the raw ("manual") directory to create or fill.
@@ -133,30 +139,60 @@ def write_dataset(
       seed: the only source of randomness; train and val use separate streams.
       height: image height.
       width: image width.
+      layout: "voc" or "folder".
+      coloured: layout "folder": RGB annotations in the class colours.
 
     Returns:
-      The VOC2012 folder written.
+      The VOC2012 folder written, or the folder dataset's root.
     """
     if num_train < 1 or num_val < 1 or height < 8 or width < 8:
         raise ValueError(
             f"need num_train, num_val >= 1 and a size >= 8x8, got {num_train}, {num_val}, {height}x{width}"
         )
-    root = Path(output_dir) / "VOCdevkit" / "VOC2012"
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    colours = classes.voc_colormap(256)
+    if layout not in ("voc", "folder"):
+        raise ValueError(f"layout must be 'voc' or 'folder', got {layout!r}")
+    if layout == "folder":
+        root = Path(output_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        palette = classes.palette("synthetic")
+        lines = [
+            f"{name} {r} {g} {b}" if coloured else name
+            for name, (r, g, b) in zip(classes.SYNTHETIC_NAMES, palette.tolist())
+        ]
+        (root / "classes.txt").write_text("\n".join(lines + (["ignore 255 255 255"] if coloured else [])) + "\n")
+    else:
+        root = Path(output_dir) / "VOCdevkit" / "VOC2012"
+        (root / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
     for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
         rng = np.random.default_rng([seed, split_index])
         ids = [f"{split}_{i:05d}" for i in range(count)]
         for image_id in ids:
             image, label = generate_example(rng, height, width)
-            jpeg = tf.io.encode_jpeg(image, quality=_JPEG_QUALITY).numpy()
-            (root / "JPEGImages" / f"{image_id}.jpg").write_bytes(jpeg)
-            (root / "SegmentationClass" / f"{image_id}.png").write_bytes(
-                png.encode_palette_png(label, colours)
-            )
-        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+            _write_example(root, layout, coloured, split, image_id, image, label)
+        if layout == "voc":
+            (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     return root
+
+
+def _write_example(root: Path, layout: str, coloured: bool, split: str, image_id: str, image, label) -> None:
+    jpeg = tf.io.encode_jpeg(image, quality=_JPEG_QUALITY).numpy()
+    if layout == "voc":
+        image_path = root / "JPEGImages" / f"{image_id}.jpg"
+        label_path = root / "SegmentationClass" / f"{image_id}.png"
+        label_png = png.encode_palette_png(label, classes.voc_colormap(256))
+    else:
+        image_path = root / "images" / split / f"{image_id}.jpg"
+        label_path = root / "annotations" / split / f"{image_id}.png"
+        if coloured:
+            colours = np.full((256, 3), 255, np.uint8)
+            colours[:NUM_CLASSES] = classes.palette("synthetic")
+            label_png = tf.io.encode_png(colours[label]).numpy()
+        else:
+            label_png = tf.io.encode_png(label[..., None]).numpy()
+    for path in (image_path, label_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    image_path.write_bytes(jpeg)
+    label_path.write_bytes(label_png)
 
 
 class Synthetic(SegmentationBuilder):

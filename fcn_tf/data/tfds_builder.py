@@ -151,6 +151,13 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
                 )
         return splits
 
+    def finish(self, path: str) -> None:
+        """Writes what the dataset keeps beside its TFDS files (nothing here), before it is moved into place.
+
+        Args:
+          path: the built dataset's folder (DATA_DIR/NAME/VERSION, still temporary).
+        """
+
     def _split_generators(self, dl_manager):
         splits = self.list_splits(dl_manager.manual_dir)
         return {name: self._generate_examples(name, listing) for name, listing in splits.items()}

@@ -152,9 +152,9 @@ def class_info(config, class_names=None, palette=None):
     """
     n = config.model.num_classes
     if class_names is None:
-        class_names = classes.class_names_for(config.data.dataset, n)
+        class_names = classes.class_names_for(config.data.dataset, n, config.data.class_names)
     if palette is None:
-        palette = classes.palette_for(config.data.dataset, n)
+        palette = classes.palette_for(config.data.dataset, n, config.data.palette)
     class_names = [str(name) for name in class_names]
     palette = np.asarray(palette)
     if len(class_names) != n:

@@ -5,9 +5,11 @@ resume.py    what a step saves (model checkpoint, each worker's input position),
 recovery.py  the newest readable checkpoint: unreadable ones set aside, the state file repaired
 workdir.py   the workdir lock and config.json
 settings.py  process-wide settings made before the model is built (TF32, XLA + SyncBN check)
+init_checkpoint.py  fine-tuning: a new run starts from another model's matching weights
 loop.py      the controller: train(), checkpoints, summaries, evaluation, preemption, non-finite stop
 """
 
+from fcn_tf.training.init_checkpoint import InitCheckpointError, InitReport, initialize
 from fcn_tf.training.loop import (
     PREEMPTED_EXIT_CODE,
     NonFiniteLossError,
@@ -22,11 +24,14 @@ from fcn_tf.training.workdir import WorkdirLockedError, workdir_lock, write_conf
 
 __all__ = [
     "PREEMPTED_EXIT_CODE",
+    "InitCheckpointError",
+    "InitReport",
     "NonFiniteLossError",
     "Preempted",
     "TrainStep",
     "WorkdirLockedError",
     "apply_training_settings",
+    "initialize",
     "input_dir",
     "load_pretrained",
     "make_train_iterator",

@@ -40,6 +40,7 @@ from fcn_tf.models.convert import load_pretrained_backbone
 from fcn_tf.optimizers import build_optimizer
 from fcn_tf.schedules import poly_from_config
 from fcn_tf.training import resume
+from fcn_tf.training.init_checkpoint import initialize
 from fcn_tf.training.settings import apply_training_settings
 from fcn_tf.training.step import TrainStep, make_train_iterator, make_train_step
 from fcn_tf.training.workdir import workdir_lock, write_config
@@ -102,6 +103,7 @@ def train(
     strategy: tf.distribute.Strategy | None = None,
     *,
     from_scratch: bool = False,
+    init_checkpoint: str = "",
     model_fn: Callable[[ExperimentConfig], keras.Model] | None = None,
     dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset] | None = None,
     eval_dataset_fn: Callable[[], tf.data.Dataset] | None = None,
@@ -116,6 +118,10 @@ def train(
         shared by all workers of a multi-worker job.
       strategy: a tf.distribute strategy; `make_strategy("auto")` if None.
       from_scratch: ignore `config.model.pretrained_backbone`.
+      init_checkpoint: fine-tuning: a new run starts from the weights of this
+        workdir, checkpoint or `.weights.h5` whose names and shapes match
+        (`fcn_tf.training.init_checkpoint`; the log lists what was loaded and
+        what re-initialized); a resumed run restores its own checkpoint.
       model_fn: `config -> keras.Model` (default: `fcn_tf.models.build_fcn`).
       dataset_fn: `input_context -> per-replica training dataset` of
         (images, labels), or of (images, labels, extras) with any extra
@@ -140,7 +146,9 @@ def train(
         ones were not applied; no checkpoint written after the last good one).
       WorkdirLockedError: another run holds the workdir.
       Preempted: SIGTERM arrived; a checkpoint was saved first.
-      FileNotFoundError: the pretrained backbone is missing.
+      FileNotFoundError: the pretrained backbone or the init checkpoint is missing.
+      fcn_tf.training.init_checkpoint.InitCheckpointError: the init
+        checkpoint does not hold an FCN.
       fcn_tf.training.recovery.NoReadableCheckpointError: the workdir has
         checkpoints but none is readable (an unreadable newest one is set
         aside and the newest readable one used instead).
@@ -168,7 +176,7 @@ def train(
     # workdir (they write only their own input positions there).
     lock = workdir_lock(workdir) if distribute.is_chief(strategy) else contextlib.nullcontext()
     with lock:
-        return _train_locked(config, workdir, strategy, hooks, from_scratch)
+        return _train_locked(config, workdir, strategy, hooks, from_scratch, init_checkpoint)
 
 
 def _check_batch_split(config: ExperimentConfig, replicas: int) -> None:
@@ -225,7 +233,7 @@ class _RunState:
     window_steps: int = 0
 
 
-def _train_locked(config, workdir, strategy, hooks, from_scratch):
+def _train_locked(config, workdir, strategy, hooks, from_scratch, init_checkpoint):
     t = config.trainer
     chief = distribute.is_chief(strategy)
     if t.deterministic:
@@ -257,6 +265,9 @@ def _train_locked(config, workdir, strategy, hooks, from_scratch):
         resumed = resume.restore(ckpts)
         if resumed is not None:
             logging.info("Resumed from %s (step %d)", resumed, int(ckpts.step.numpy()))
+        elif init_checkpoint:
+            for line in initialize(model, init_checkpoint, config.model).lines():
+                logging.info("%s", line)
         elif config.model.pretrained_backbone and not from_scratch:
             path = load_pretrained(model, config)
             logging.info("Loaded pretrained backbone %s", path)

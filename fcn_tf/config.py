@@ -401,12 +401,16 @@ def read_workdir_config(workdir: str | None) -> ExperimentConfig | None:
     """
     if not workdir:
         return None
-    path = os.path.join(os.path.expanduser(workdir), WORKDIR_CONFIG)
-    if not os.path.isfile(path):
+    # Read through TensorFlow's filesystem layer: the workdir may be a URL (gs://, file://, ...).
+    # Imported here: the schema itself stays importable without TensorFlow.
+    import tensorflow as tf
+
+    path = os.path.join(workdir if "://" in workdir else os.path.expanduser(workdir), WORKDIR_CONFIG)
+    if not tf.io.gfile.exists(path):
         return None
     try:
-        with open(path) as f:
-            values = json.load(f)
+        with tf.io.gfile.GFile(path) as f:
+            values = json.loads(f.read())
         return from_dict(values)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e})") from None

@@ -42,6 +42,11 @@ _CLUSTER = flags.DEFINE_enum(
 _SLURM_PORT_BASE = flags.DEFINE_integer(
     "slurm_port_base", distribute.SLURM_PORT_BASE, "--cluster=slurm: port of a node's first task."
 )
+_LOCK_WORKDIR = flags.DEFINE_bool(
+    "lock_workdir",
+    True,
+    "Lock the workdir against a second run; --nolock_workdir only where the filesystem refuses locks.",
+)
 _FROM_SCRATCH = flags.DEFINE_bool(
     "from_scratch", False, "Ignore model.pretrained_backbone and start from random weights."
 )
@@ -66,7 +71,13 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"error: {e}")
     try:
-        result = training.train(config, _WORKDIR.value, strategy, from_scratch=_FROM_SCRATCH.value)
+        result = training.train(
+            config,
+            _WORKDIR.value,
+            strategy,
+            from_scratch=_FROM_SCRATCH.value,
+            lock_workdir=_LOCK_WORKDIR.value,
+        )
     except training.Preempted as e:
         logging.warning("%s", e)
         sys.exit(training.PREEMPTED_EXIT_CODE)

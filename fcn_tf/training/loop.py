@@ -32,7 +32,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from fcn_tf import distribute, eval_lib, summaries
+from fcn_tf import distribute, eval_lib, storage, summaries
 from fcn_tf.config import ExperimentConfig, validate
 from fcn_tf.data import build_dataset
 from fcn_tf.models import build_fcn
@@ -80,8 +80,8 @@ def load_pretrained(model: keras.Model, config: ExperimentConfig) -> str:
       FileNotFoundError: the file is missing; the message says where the
         original checkpoint is published and how to train without it.
     """
-    path = os.path.expanduser(config.model.pretrained_backbone)
-    if not os.path.isfile(path):
+    path = storage.normalize(config.model.pretrained_backbone)
+    if not tf.io.gfile.exists(path):
         source = config.model.pretrained_backbone_source or "(no source recorded)"
         raise FileNotFoundError(
             f"pretrained backbone not found: {path}\n"
@@ -107,6 +107,7 @@ def train(
     eval_dataset_fn: Callable[[], tf.data.Dataset] | None = None,
     evaluate: bool = True,
     input_observer: Callable[[int, object], None] | None = None,
+    lock_workdir: bool = True,
 ) -> dict:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if any.
 
@@ -130,6 +131,8 @@ def train(
         batch that step consumed, e.g. to record which examples each worker
         trained on. It reads them on the host every step: for tests and
         tooling, not for fast training.
+      lock_workdir: lock the workdir (`workdir.workdir_lock`); False only on
+        a filesystem that refuses locks, with one run per workdir.
 
     Returns:
       {"step", "loss" (last total loss), "checkpoint", "eval" (last eval
@@ -154,9 +157,10 @@ def train(
     config = validate(config)
     strategy = strategy or distribute.make_strategy("auto")
     apply_training_settings(config, strategy)  # TF32; XLA + SyncBN refused where unsupported
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    # Kept as given: a URL (gs://, file://, ...) stays a URL (fcn_tf.storage).
+    workdir = storage.normalize(workdir)
     _check_batch_split(config, strategy.num_replicas_in_sync)
-    os.makedirs(workdir, exist_ok=True)
+    tf.io.gfile.makedirs(workdir)
     hooks = _Hooks(
         model_fn=model_fn or (lambda c: build_fcn(c.model)),
         dataset_fn=dataset_fn or (lambda input_context: build_dataset(config.data, True, input_context)),
@@ -166,7 +170,8 @@ def train(
     )
     # Only the chief locks: the other workers of a multi-worker job share the
     # workdir (they write only their own input positions there).
-    lock = workdir_lock(workdir) if distribute.is_chief(strategy) else contextlib.nullcontext()
+    chief = distribute.is_chief(strategy)
+    lock = workdir_lock(workdir, lock_workdir) if chief else contextlib.nullcontext()
     with lock:
         return _train_locked(config, workdir, strategy, hooks, from_scratch)
 

@@ -20,10 +20,28 @@ prefer_onednn()  # before TensorFlow is imported
 
 from absl import app, flags, logging
 
-import experiments
+
+def _resolve_cluster_first():
+    """The cluster, resolved before anything asks TensorFlow about devices.
+
+    TensorFlow registers an absl start-up callback that lists the GPUs
+    (tensorflow/python/distribute/combinations.py, imported with Keras); that
+    fixes the GPUs the process sees before SlurmClusterResolver can give
+    each task its own (CUDA_VISIBLE_DEVICES). Registered before TensorFlow
+    is imported, this callback runs first; errors are reported by main().
+    """
+    if _STRATEGY.value in ("auto", "multiworker"):
+        try:
+            distribute.cluster_resolver(_CLUSTER.value, _SLURM_PORT_BASE.value)
+        except ValueError:
+            pass
+
+
+app.call_after_init(_resolve_cluster_first)
+
+import experiments  # noqa: E402  (after the start-up callback above)
 from fcn_tf import distribute, training
 from fcn_tf.config import ConfigError
-from fcn_tf.devices import set_inter_op_threads
 
 _EXPERIMENT = flags.DEFINE_string(
     "experiment", None, "Registered experiment name (scripts/list_experiments.py).", required=True
@@ -47,6 +65,9 @@ _LOCK_WORKDIR = flags.DEFINE_bool(
     True,
     "Lock the workdir against a second run; --nolock_workdir only where the filesystem refuses locks.",
 )
+_ALLOW_CPU = flags.DEFINE_bool(
+    "allow_cpu", False, "Train on the CPU although nvidia-smi lists GPUs that TensorFlow does not see."
+)
 _FROM_SCRATCH = flags.DEFINE_bool(
     "from_scratch", False, "Ignore model.pretrained_backbone and start from random weights."
 )
@@ -63,10 +84,15 @@ def main(argv):
         config = experiments.resolve(_EXPERIMENT.value, _WORKDIR.value, assignments)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    set_inter_op_threads(config.trainer.inter_op_threads)  # before the strategy starts TensorFlow
     try:
+        # The cluster is resolved before any device query (Slurm sets this task's GPUs).
         strategy = distribute.make_strategy(
-            _STRATEGY.value, _CLUSTER.value, config.trainer.collective, _SLURM_PORT_BASE.value
+            _STRATEGY.value,
+            _CLUSTER.value,
+            config.trainer.collective,
+            _SLURM_PORT_BASE.value,
+            inter_op_threads=config.trainer.inter_op_threads,
+            allow_cpu=_ALLOW_CPU.value,
         )
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -179,6 +179,9 @@ class TrainerConfig:
       collective: all-reduce implementation of MultiWorkerMirroredStrategy:
         "auto" (NCCL when the replicas are GPUs, ring otherwise), "nccl" or
         "ring" (gRPC through the hosts).
+      preemption_exit_code: the exit code of `scripts/train.py` after SIGTERM
+        and its checkpoint: 143 (128 + SIGTERM), which Kubernetes'
+        `restartPolicy: ExitCode` (Kubeflow) retries; rerunning resumes.
     """
 
     train_steps: int = 1000
@@ -197,6 +200,7 @@ class TrainerConfig:
     tf32: bool = True
     inter_op_threads: int = -1
     collective: str = "auto"
+    preemption_exit_code: int = 143
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +292,10 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         "trainer log_every, checkpoint_every, keep_checkpoints must be >= 1",
     )
     check(t.aux_weight >= 0, f"trainer.aux_weight={t.aux_weight} must be >= 0")
+    check(
+        1 <= t.preemption_exit_code <= 255,
+        f"trainer.preemption_exit_code={t.preemption_exit_code} must be in 1..255",
+    )
     check(t.collective in COLLECTIVES, f"trainer.collective={t.collective!r} not in {COLLECTIVES}")
     check(isinstance(t.tf32, bool), f"trainer.tf32={t.tf32!r} must be true or false")
     check(t.inter_op_threads >= -1, f"trainer.inter_op_threads={t.inter_op_threads} must be >= -1 (-1: auto)")

@@ -8,8 +8,9 @@ The strategy follows the machine (multi-worker when the cluster has several
 workers, else mirrored over the local GPUs, else the CPU). The cluster is
 read by TensorFlow's resolver for TF_CONFIG (Kubernetes and most launchers)
 or for Slurm (`srun`, one task per worker); `trainer.collective` picks the
-all-reduce (auto, nccl, ring). On SIGTERM a checkpoint is saved and the
-process exits with code 42 (rerun to resume).
+all-reduce (auto = NCCL on GPUs, else ring). On SIGTERM (any platform, also
+during evaluation) every worker saves the same step and the process exits with
+code 143 (`trainer.preemption_exit_code`); rerun to resume.
 """
 
 import sys
@@ -106,7 +107,7 @@ def main(argv):
         )
     except training.Preempted as e:
         logging.warning("%s", e)
-        sys.exit(training.PREEMPTED_EXIT_CODE)
+        sys.exit(e.exit_code)
     except (training.NonFiniteLossError, training.WorkdirLockedError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     evaluation = result.get("eval")

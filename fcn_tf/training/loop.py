@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import shutil
 import signal
 import tempfile
@@ -39,34 +38,15 @@ from fcn_tf.models import build_fcn
 from fcn_tf.models.convert import load_pretrained_backbone
 from fcn_tf.optimizers import build_optimizer
 from fcn_tf.schedules import poly_from_config
-from fcn_tf.training import resume
+from fcn_tf.training import preemption, resume
+from fcn_tf.training.preemption import Preempted
 from fcn_tf.training.settings import apply_training_settings
 from fcn_tf.training.step import TrainStep, make_train_iterator, make_train_step
 from fcn_tf.training.workdir import workdir_lock, write_config
 
-# Exit code after a preemption checkpoint: TensorFlow's own default for
-# platforms other than Borg/GCP; cluster managers restart on it.
-PREEMPTED_EXIT_CODE = 42
-
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; nothing was saved after the last good checkpoint."""
-
-
-class Preempted(Exception):
-    """SIGTERM received: a checkpoint was saved at a step boundary and training stopped.
-
-    Args:
-      step: the step the checkpoint holds.
-      checkpoint: its model checkpoint prefix.
-    """
-
-    def __init__(self, step: int, checkpoint: str | None):
-        super().__init__(
-            f"preempted (SIGTERM): checkpoint saved at step {step} ({checkpoint}); rerun to resume"
-        )
-        self.step = step
-        self.checkpoint = checkpoint
 
 
 def load_pretrained(model: keras.Model, config: ExperimentConfig) -> str:
@@ -212,6 +192,7 @@ class _Job:
     writer: object = None
     eval_writer: object = None
     handler: object = None
+    watcher: object = None
     image_batch: object = None
 
 
@@ -278,7 +259,8 @@ def _train_locked(config, workdir, strategy, hooks, from_scratch):
         )
         state = _RunState(step=int(ckpts.step.numpy()), start_step=int(ckpts.step.numpy()))
         state.checkpoint = ckpts.model.latest_checkpoint
-        job.handler = _preemption_handler(strategy, scratch, lambda **_: _save(job, state))
+        job.watcher = preemption.SigtermWatcher()  # SIGTERM on every platform (preemption.py)
+        job.handler = preemption.make_handler(strategy, scratch, lambda **_: _save(job, state), job.watcher)
         return _loop(job, state)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -299,37 +281,6 @@ def _save(job: _Job, state: _RunState) -> str:
         logging.info("Saved checkpoint %s", path)
     state.checkpoint = path
     return path
-
-
-class _PreemptionExit(Exception):
-    pass
-
-
-def _raise_preemption_exit():
-    raise _PreemptionExit()
-
-
-def _preemption_handler(strategy, scratch, save_fn):
-    """TensorFlow's PreemptionCheckpointHandler: on SIGTERM, save at the next step boundary, then stop.
-
-    The handler decides when (the same step on every worker); `save_fn`
-    saves. Its own manager is an empty one: the handler restores that
-    manager's latest checkpoint when it is made, and the run has already
-    restored its own resume step (which need not be the newest checkpoint).
-    """
-    empty = tf.train.CheckpointManager(tf.train.Checkpoint(), os.path.join(scratch, "preemption"), 1)
-    try:
-        with strategy.scope():
-            return tf.distribute.experimental.PreemptionCheckpointHandler(
-                getattr(strategy, "cluster_resolver", None),
-                empty,
-                termination_config=tf.distribute.experimental.TerminationConfig(
-                    exit_fn=_raise_preemption_exit, save_fn=save_fn
-                ),
-            )
-    except ValueError as e:  # signal handlers can only be installed from the main thread
-        logging.warning("No preemption handling (%s)", e)
-        return None
 
 
 # --------------------------------------------------------------------------- loop
@@ -368,8 +319,8 @@ def _loop(job: _Job, state: _RunState) -> dict:
             _periodic_actions(job, state)
             # Saving, evaluation and images are not counted as step time.
             state.window_start += time.perf_counter() - pause_start
-    except _PreemptionExit:
-        raise Preempted(state.step, state.checkpoint) from None
+    except preemption.PreemptionExit:
+        raise Preempted(state.step, state.checkpoint, t.preemption_exit_code) from None
     finally:
         for w in (job.writer, job.eval_writer):
             if w is not None:
@@ -471,7 +422,13 @@ def _periodic_actions(job: _Job, state: _RunState) -> None:
         _save(job, state)
     if job.hooks.evaluate and ((t.eval_every and state.step % t.eval_every == 0) or last):
         _raise_if_non_finite(job, state)
-        state.eval = _eval_action(job, state.step)
+        try:
+            state.eval = _eval_action(job, state.step)
+        except eval_lib.EvaluationInterrupted:
+            # Every worker stopped at the same batch (eval_lib agrees on it): all save this step.
+            if state.checkpoint is None or not state.checkpoint.endswith(f"-{state.step}"):
+                _save(job, state)
+            raise preemption.PreemptionExit() from None
 
 
 def _images_action(job: _Job, step: int) -> None:
@@ -491,6 +448,7 @@ def _eval_action(job: _Job, step: int) -> dict:
         strategy=job.strategy,
         max_examples=job.config.trainer.eval_max_examples,
         log_every=0,
+        stop_fn=job.watcher.received if job.watcher is not None else None,
     )
     scalars = summaries.eval_scalars(results, summaries.class_names(job.config))
     logging.info(

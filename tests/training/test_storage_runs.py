@@ -181,3 +181,36 @@ def test_lock_records_the_holder_and_object_stores_warn_about_one(caplog):
             holder in r.getMessage() and "one run per workdir" in r.getMessage() for r in caplog.records
         )
     assert not tf.io.gfile.exists(path)
+
+
+@pytest.mark.slow
+def test_scripts_with_file_urls_train_resume_and_export_there(tmp_path):
+    import subprocess
+
+    data_dir = runs.make_synthetic_tfds(str(tmp_path / "data"))
+    workdir, export_dir = f"file://{tmp_path}/run", f"file://{tmp_path}/export/fcn"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+
+    def run(argv):
+        done = subprocess.run(argv, cwd=cwd, env=runs.subprocess_env(), capture_output=True, text=True)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        return done.stdout + done.stderr
+
+    run(runs.train_command(workdir, f"file://{data_dir}", "trainer.train_steps=2"))
+    resumed = run(runs.train_command(workdir, f"file://{data_dir}", "trainer.train_steps=4"))
+    assert f"Resumed from {workdir}/checkpoints/ckpt-2 (step 2)" in resumed
+    assert (tmp_path / "run" / "checkpoints" / "ckpt-4.index").exists()
+    assert (tmp_path / "run" / "config.json").exists()
+    run(
+        [
+            runs.sys.executable,
+            f"{runs.REPO}/scripts/export.py",
+            "--experiment=synthetic_r18_os8",
+            f"--workdir={workdir}",
+            f"--export_dir={export_dir}",
+            "--format=saved_model",
+        ]
+    )
+    assert (tmp_path / "export" / "fcn" / "1" / "saved_model.pb").exists()
+    assert os.listdir(cwd) == [], "created under the current directory"

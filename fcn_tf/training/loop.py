@@ -260,7 +260,9 @@ def _train_locked(config, workdir, strategy, hooks, from_scratch):
         state = _RunState(step=int(ckpts.step.numpy()), start_step=int(ckpts.step.numpy()))
         state.checkpoint = ckpts.model.latest_checkpoint
         job.watcher = preemption.SigtermWatcher()  # SIGTERM on every platform (preemption.py)
-        job.handler = preemption.make_handler(strategy, scratch, lambda **_: _save(job, state), job.watcher)
+        job.handler = preemption.make_handler(
+            strategy, scratch, lambda **_: _save_once(job, state), job.watcher
+        )
         return _loop(job, state)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -281,6 +283,12 @@ def _save(job: _Job, state: _RunState) -> str:
         logging.info("Saved checkpoint %s", path)
     state.checkpoint = path
     return path
+
+
+def _save_once(job: _Job, state: _RunState) -> None:
+    """The preemption save: step `state.step` unless its periodic checkpoint is already written."""
+    if state.checkpoint is None or not state.checkpoint.endswith(f"-{state.step}"):
+        _save(job, state)
 
 
 # --------------------------------------------------------------------------- loop
@@ -426,8 +434,7 @@ def _periodic_actions(job: _Job, state: _RunState) -> None:
             state.eval = _eval_action(job, state.step)
         except eval_lib.EvaluationInterrupted:
             # Every worker stopped at the same batch (eval_lib agrees on it): all save this step.
-            if state.checkpoint is None or not state.checkpoint.endswith(f"-{state.step}"):
-                _save(job, state)
+            _save_once(job, state)
             raise preemption.PreemptionExit() from None
 
 

@@ -118,6 +118,27 @@ def test_sigterm_during_evaluation_stops_between_batches(platform, tmp_path):
     assert result["step"] == 3
 
 
+def test_sigterm_during_a_save_is_honoured_when_the_save_ends(tmp_path, monkeypatch):
+    from fcn_tf.training import resume
+
+    save = resume.save
+    saves = []
+
+    def save_with_sigterm(*args, **kwargs):
+        if not saves:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the step-2 checkpoint is written
+            time.sleep(0.5)
+        saves.append(args[1])
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(resume, "save", save_with_sigterm)
+    config = _config(**{"trainer.checkpoint_every": 2})
+    with pytest.raises(training.Preempted) as info:
+        _train(tmp_path, config, evaluate=False, input_observer=_sigterm_at(-1))
+    assert saves[0] == 2  # the interrupted save completed
+    assert 2 < info.value.step < 2 + 2.5 / 0.02 and saves[-1] == info.value.step
+
+
 def test_the_exit_code_is_configurable(tmp_path):
     config = _config(**{"trainer.preemption_exit_code": 130})
     with pytest.raises(training.Preempted) as info:

@@ -16,13 +16,16 @@ from harness import cluster, runs
 from harness.cluster import Cluster, Sim
 
 
-def test_slurm_one_task_per_gpu_resolves_before_any_device_query(tmp_path):
-    # srun --ntasks-per-node=2 on a node with 2 GPUs; TensorFlow here has no CUDA: each
-    # task is refused in one line, after the resolver gave it its own GPU.
-    with Cluster(tmp_path, workers=2, launcher="slurm", sim=Sim(gpus=2, trace=True)) as job:
+@pytest.mark.parametrize(
+    "tasks, visible", [(2, ["0", "1"]), (1, ["0,1"])], ids=["task_per_gpu", "task_per_node"]
+)
+def test_slurm_tasks_get_their_gpus_before_any_device_query(tmp_path, tasks, visible):
+    # srun --ntasks-per-node=TASKS on a node with 2 GPUs; TensorFlow here has no CUDA: each
+    # task is refused in one line, after the resolver gave it its share of the GPUs.
+    with Cluster(tmp_path, workers=tasks, launcher="slurm", sim=Sim(gpus=2, trace=True)) as job:
         job.start(lambda k: runs.train_command(tmp_path / "run", tmp_path / "data"))
         results = job.wait(timeout=240)
-        traces = [job.trace(k) for k in range(2)]
+        traces = [job.trace(k) for k in range(tasks)]
     for k, (result, trace) in enumerate(zip(results, traces)):
         assert result.returncode == 1, result.output[-3000:]
         errors = result.lines(r"^error: ")
@@ -36,7 +39,7 @@ def test_slurm_one_task_per_gpu_resolves_before_any_device_query(tmp_path):
         )
         resolved = events.index("slurm_cluster_spec")
         assert resolved < first_query, events
-        assert trace[resolved]["cuda_visible_devices"] == str(k)  # its own GPU
+        assert trace[resolved]["cuda_visible_devices"] == visible[k]  # its own GPU(s)
 
 
 def test_collective_auto_is_nccl_on_gpus_and_ring_elsewhere(monkeypatch):

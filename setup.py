@@ -25,6 +25,10 @@ setup(
         "tensorflow-serving-api==2.21.*",
     ],
     extras_require={
+        # GPU machines: TensorFlow with its CUDA and cuDNN libraries (Linux x86_64). Plain
+        # `tensorflow` finds no CUDA and trains on the CPU; scripts/train.py refuses that
+        # where nvidia-smi lists GPUs (--allow_cpu to proceed).
+        "gpu": ["tensorflow[and-cuda]==2.21.*"],
         # Reading PyTorch .pth checkpoints in the converter.
         "torch": ["torch"],
         # Reading .safetensors checkpoints in the converter.

@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from fcn_tf import checkpoints, distribute, export, predict_lib, visualize
+from fcn_tf import checkpoints, distribute, export, predict_lib, storage, visualize
 from fcn_tf.config import ConfigError, ExperimentConfig, read_workdir_config, validate
 
 # Training from Python is the training library's own entry point, as scripts/train.py calls it:
@@ -98,7 +98,7 @@ class Segmenter:
         if _is_export(path):
             return cls(predict_lib.Predictor.load(path, max_pixels))
         if config is None:
-            workdir = path if os.path.isdir(os.path.expanduser(path)) else None
+            workdir = path if tf.io.gfile.isdir(storage.normalize(path)) else None
             config = read_workdir_config(workdir)
             if config is None:
                 raise ConfigError(

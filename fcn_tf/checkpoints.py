@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
+import shutil  # disk_usage of a local checkpoint folder (_free_space)
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
+
+from fcn_tf import storage
 
 CHECKPOINT_SUBDIR = "checkpoints"
 # The CheckpointManager's default `checkpoint_name`: files are ckpt-STEP.*.
@@ -118,6 +120,16 @@ def latest_checkpoint(workdir: str) -> str | None:
     return tf.train.latest_checkpoint(checkpoint_dir(workdir))
 
 
+def read_checkpoint(prefix: str):
+    """A reader of the checkpoint at `prefix` (never taken for a folder).
+
+    `tf.train.load_checkpoint` first asks whether the prefix is a folder;
+    filesystems without real folders (TensorFlow's `ram://`) answer yes for
+    any prefix of a file name.
+    """
+    return tf.compat.v1.train.NewCheckpointReader(prefix)
+
+
 def resolve(path: str) -> str:
     """Turns a workdir, a checkpoint prefix or a `.weights.h5` file into a restorable path.
 
@@ -128,12 +140,12 @@ def resolve(path: str) -> str:
     Raises:
       FileNotFoundError: naming `path` when nothing restorable is there.
     """
-    path = os.path.expanduser(path)
+    path = storage.normalize(path)
     if path.endswith(".weights.h5"):
-        if not os.path.isfile(path):
+        if not tf.io.gfile.exists(path):
             raise FileNotFoundError(f"weights file not found: {path}")
         return path
-    if os.path.isdir(path):
+    if tf.io.gfile.isdir(path):
         latest = latest_checkpoint(path) or tf.train.latest_checkpoint(path)
         if latest is None:
             raise FileNotFoundError(f"no checkpoint in {path} (looked in {checkpoint_dir(path)} and {path})")
@@ -220,7 +232,7 @@ def verify(prefix: str) -> None:
     if not tf.io.gfile.exists(index):
         raise UnreadableCheckpointError(prefix, f"{name}.index is missing")
     try:
-        reader = tf.train.load_checkpoint(prefix)
+        reader = read_checkpoint(prefix)
         dtypes = reader.get_variable_to_dtype_map()
         shapes = reader.get_variable_to_shape_map()
     except (tf.errors.OpError, ValueError) as e:
@@ -415,10 +427,7 @@ class CheckpointManager(tf.train.CheckpointManager):
             needed = f"{_format_bytes(sum(_size(p) for p in files_of(previous)))} (the size of {previous})"
         else:
             needed = f"{_format_bytes(_variables_bytes(self.checkpoint))} for the variables alone"
-        try:
-            free = f"{_format_bytes(shutil.disk_usage(self.directory).free)} free there"
-        except OSError:
-            free = "free space unknown"
+        free = _free_space(self.directory)
         if left:
             removed = f"Could not remove its partial files {', '.join(left)}; remove them by hand"
         else:
@@ -432,3 +441,14 @@ class CheckpointManager(tf.train.CheckpointManager):
             f"cannot save checkpoint {prefix}: {reason} ({type(error).__name__}). "
             f"A checkpoint needs about {needed}; {free}. {removed}; {rerun}"
         )
+
+
+def _free_space(directory: str) -> str:
+    """'N free there' for a local folder (a `file://` URL included); object stores have no such figure."""
+    local = storage.local_path(directory)
+    if local is None:
+        return "free space unknown (not a local filesystem)"
+    try:
+        return f"{_format_bytes(shutil.disk_usage(local).free)} free there"
+    except OSError:
+        return "free space unknown"

@@ -103,3 +103,53 @@ def configure_logical_cpus(count: int) -> None:
             f"cannot split the CPU into {count} logical devices: TensorFlow is already initialized. "
             "Call configure_logical_cpus() before any TensorFlow op."
         ) from e
+
+
+class AcceleratorError(ValueError):
+    """The machine's accelerators cannot be used as they are (one-line message)."""
+
+
+def nvidia_smi_gpus() -> int:
+    """GPUs the NVIDIA driver lists (`nvidia-smi -L`); 0 without the driver. Does not ask TensorFlow."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    try:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in listed.splitlines() if line.startswith("GPU "))
+
+
+def check_accelerators(allow_cpu: bool = False) -> None:
+    """Refuses a machine whose accelerators this run would silently not use.
+
+    * TPUs: fcn_tf has no TPU strategy; a TPU VM is refused rather than
+      trained on its CPU.
+    * GPUs the driver lists (`nvidia-smi`) that TensorFlow does not see
+      (TensorFlow installed without its CUDA libraries: `pip install -e .[gpu]`)
+      unless `allow_cpu`. GPUs hidden on purpose (`CUDA_VISIBLE_DEVICES=""`)
+      are not counted.
+
+    Call it after the cluster is resolved (Slurm chooses this task's GPUs).
+
+    Raises:
+      AcceleratorError: one line saying what was found and what to do.
+    """
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("TPU"):
+        raise AcceleratorError(
+            "this machine has TPUs, which fcn_tf does not support (no TPUStrategy); train on GPUs or CPUs"
+        )
+    if allow_cpu or os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return
+    listed = nvidia_smi_gpus()
+    if listed and not tf.config.list_physical_devices("GPU"):
+        raise AcceleratorError(
+            f"nvidia-smi lists {listed} GPU(s) but TensorFlow sees none (installed without its CUDA libraries?): "
+            "pip install -e '.[gpu]' (tensorflow[and-cuda]), or pass --allow_cpu to train on the CPU anyway"
+        )

@@ -16,14 +16,16 @@ import shutil
 
 import tensorflow as tf
 
+from fcn_tf.devices import check_accelerators, set_inter_op_threads
+
 STRATEGIES = ("auto", "mirrored", "multiworker", "default")
 CLUSTERS = ("tf_config", "slurm")
-# trainer.collective -> TensorFlow's all-reduce implementation.
+# trainer.collective -> TensorFlow's all-reduce implementation ("auto" is resolved first).
 _COLLECTIVES = {
-    "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
     "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
     "ring": tf.distribute.experimental.CommunicationImplementation.RING,
 }
+COLLECTIVE_CHOICES = ("auto", *_COLLECTIVES)
 # SlurmClusterResolver's own default first port.
 SLURM_PORT_BASE = 8888
 
@@ -67,6 +69,18 @@ def cluster_resolver(cluster: str = "tf_config", slurm_port_base: int = SLURM_PO
     if cluster == "tf_config":
         cluster_workers()  # a one-line error for invalid JSON, not the resolver's traceback
         return tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    # Resolved once per process: the resolver narrows CUDA_VISIBLE_DEVICES to this
+    # task's GPUs, and a second resolver would split those again.
+    key = (slurm_port_base, os.environ.get("SLURM_PROCID"), os.environ.get("SLURM_STEP_NUM_TASKS"))
+    if key not in _SLURM_RESOLVERS:
+        _SLURM_RESOLVERS[key] = _slurm_resolver(slurm_port_base)
+    return _SLURM_RESOLVERS[key]
+
+
+_SLURM_RESOLVERS: dict = {}
+
+
+def _slurm_resolver(slurm_port_base: int):
     try:
         if _gpus_on_node():
             # The resolver splits the node's GPUs between its tasks (CUDA_VISIBLE_DEVICES).
@@ -104,6 +118,24 @@ def _gpus_on_node() -> int:
         return 0
 
 
+def resolve_collective(collective: str, gpus: bool) -> str:
+    """The all-reduce `trainer.collective` means here: "auto" is NCCL on GPUs, ring elsewhere.
+
+    TensorFlow's own AUTO is a ring all-reduce over gRPC even on GPUs (it uses
+    NCCL only when asked), which sends every BatchNorm all-reduce and the
+    gradients through the host.
+
+    Args:
+      collective: "auto", "nccl" or "ring".
+      gpus: whether the replicas are GPUs.
+    """
+    if collective not in COLLECTIVE_CHOICES:
+        raise ValueError(f"unknown collective {collective!r}; choose one of {', '.join(COLLECTIVE_CHOICES)}")
+    if collective == "auto":
+        return "nccl" if gpus else "ring"
+    return collective
+
+
 def _cluster_size(resolver) -> int:
     spec = resolver.cluster_spec().as_dict()
     return len(spec.get("worker", [])) + len(spec.get("chief", []))
@@ -114,6 +146,8 @@ def make_strategy(
     cluster: str = "tf_config",
     collective: str = "auto",
     slurm_port_base: int = SLURM_PORT_BASE,
+    inter_op_threads: int | None = None,
+    allow_cpu: bool | None = None,
 ) -> tf.distribute.Strategy:
     """Returns the strategy for this machine or the one `kind` forces.
 
@@ -124,8 +158,16 @@ def make_strategy(
         "default" (no distribution).
       cluster: where the cluster is described, see `cluster_resolver`.
       collective: all-reduce implementation of the multi-worker strategy,
-        "auto" (TensorFlow's choice), "nccl" or "ring".
+        "auto" (NCCL on GPUs, ring elsewhere: `resolve_collective`), "nccl"
+        or "ring".
       slurm_port_base: see `cluster_resolver`.
+      inter_op_threads: if not None, `fcn_tf.devices.set_inter_op_threads`
+        is called with it once the cluster is resolved: the Slurm resolver
+        chooses this task's GPUs (CUDA_VISIBLE_DEVICES), which must happen
+        before anything asks TensorFlow about devices.
+      allow_cpu: if not None, `fcn_tf.devices.check_accelerators(allow_cpu)`
+        once the cluster is resolved: TPUs refused, GPUs that the driver lists
+        but TensorFlow does not see refused unless `allow_cpu`.
 
     Raises:
       ValueError: unknown `kind`, `cluster` or `collective`, or
@@ -133,17 +175,23 @@ def make_strategy(
     """
     if kind not in STRATEGIES:
         raise ValueError(f"unknown strategy {kind!r}; choose one of {', '.join(STRATEGIES)}")
-    if collective not in _COLLECTIVES:
-        raise ValueError(f"unknown collective {collective!r}; choose one of {', '.join(_COLLECTIVES)}")
+    resolve_collective(collective, False)  # an unknown name fails before the cluster is read
+    # First: the Slurm resolver sets CUDA_VISIBLE_DEVICES, and any device query fixes the GPUs seen.
     resolver = cluster_resolver(cluster, slurm_port_base) if kind in ("auto", "multiworker") else None
+    if allow_cpu is not None:
+        check_accelerators(allow_cpu)
+    if inter_op_threads is not None:
+        set_inter_op_threads(inter_op_threads)
     if kind == "multiworker" or (kind == "auto" and _cluster_size(resolver) > 1):
         if _cluster_size(resolver) == 0:
             where = "TF_CONFIG" if cluster == "tf_config" else "the Slurm job step"
             raise ValueError(f"--strategy=multiworker needs {where} describing the cluster")
+        gpus = bool(tf.config.list_physical_devices("GPU"))
+        implementation = _COLLECTIVES[resolve_collective(collective, gpus)]
         return tf.distribute.MultiWorkerMirroredStrategy(
             cluster_resolver=resolver,
             communication_options=tf.distribute.experimental.CommunicationOptions(
-                implementation=_COLLECTIVES[collective]
+                implementation=implementation
             ),
         )
     if kind == "default":

@@ -104,6 +104,10 @@ def _dataset_fn(dataset, config: ExperimentConfig, max_examples: int) -> Callabl
     return make
 
 
+class EvaluationInterrupted(Exception):
+    """`stop_fn` asked to stop on some worker; every worker stopped after the same batch."""
+
+
 def make_eval_step(
     model,
     config: ExperimentConfig,
@@ -111,7 +115,11 @@ def make_eval_step(
     element_spec,
     with_predictions: bool = False,
 ) -> Callable:
-    """The distributed eval step: `batch -> (confusion matrix summed over replicas, examples, per-replica preds)`.
+    """The distributed eval step: `(batch, stop) -> (confusion matrix, examples, stops, [preds, ids])`.
+
+    The confusion matrix, the example count and `stop` (this worker's wish
+    to stop, 0 or 1) are summed over replicas and workers: a worker asking
+    to stop is seen by all at the same batch.
 
     Args:
       model: segmenter returning {"logits": ...}.
@@ -123,7 +131,7 @@ def make_eval_step(
     num_classes, ignore_label = config.model.num_classes, config.data.ignore_label
     logits_fn = inference.model_logits_fn(model)
 
-    def replica_step(batch):
+    def replica_step(batch, stop):
         image, label = batch["image"], batch["label"]
 
         def run():
@@ -138,17 +146,18 @@ def make_eval_step(
         # A replica past the end of the data gets an empty batch: count nothing.
         cm, prediction = tf.cond(tf.size(label) > 0, run, empty)
         count = tf.cast(tf.size(batch["image_id"]), tf.int64)
-        return cm, count, prediction
+        return cm, count, prediction, tf.identity(stop)  # one per replica: summed across workers
 
-    @tf.function(input_signature=[element_spec])
-    def step(batch):
-        cm, count, prediction = strategy.run(replica_step, args=(batch,))
+    @tf.function(input_signature=[element_spec, tf.TensorSpec([], tf.int64)])
+    def step(batch, stop):
+        cm, count, prediction, stops = strategy.run(replica_step, args=(batch, stop))
         # Counts are int64 and summed, never averaged, over replicas and workers.
         cm = strategy.reduce(tf.distribute.ReduceOp.SUM, cm, axis=None)
         count = strategy.reduce(tf.distribute.ReduceOp.SUM, count, axis=None)
+        stops = strategy.reduce(tf.distribute.ReduceOp.SUM, stops, axis=None)
         if with_predictions:
-            return cm, count, prediction, batch["image_id"]
-        return cm, count
+            return cm, count, stops, prediction, batch["image_id"]
+        return cm, count, stops
 
     return step
 
@@ -161,6 +170,7 @@ def evaluate(
     max_examples: int = 0,
     save_predictions_dir: str | None = None,
     log_every: int = 100,
+    stop_fn: Callable[[], bool] | None = None,
 ) -> dict:
     """Evaluates `model` on the eval dataset as the experiment says.
 
@@ -179,11 +189,16 @@ def evaluate(
       save_predictions_dir: write colour (and, for Cityscapes, label-id)
         PNGs of the predictions there.
       log_every: log the running mIoU every this many steps.
+      stop_fn: `() -> bool`, asked before each batch (e.g. "SIGTERM came");
+        True on any worker stops every worker after the same batch.
 
     Returns:
       `ConfusionMatrix.result()` (miou, iou, aacc, acc, macc, dice, ...)
       plus `class_names`, `confusion_matrix` (int64 (C, C)), `num_examples`,
       `seconds` and `examples_per_second`.
+
+    Raises:
+      EvaluationInterrupted: `stop_fn` said so on some worker.
     """
     strategy = strategy or tf.distribute.get_strategy()
     num_classes = config.model.num_classes
@@ -196,20 +211,15 @@ def evaluate(
     matrix = ConfusionMatrix(num_classes, config.data.ignore_label)
     examples, steps, saved, start = 0, 0, 0, time.perf_counter()
     for batch in dist_dataset:
-        outputs = step(batch)
+        outputs = step(batch, tf.constant(int(bool(stop_fn and stop_fn())), tf.int64))
+        if int(outputs[2].numpy()):
+            logging.warning("evaluation stopped after %d examples (a worker asked to stop)", examples)
+            raise EvaluationInterrupted()
         matrix.add_counts(outputs[0].numpy())
         examples += int(outputs[1].numpy())
         steps += 1
         if save:
-            # Each worker writes the examples its own replicas evaluated.
-            predictions = strategy.experimental_local_results(outputs[2])
-            image_ids = strategy.experimental_local_results(outputs[3])
-            for prediction, ids in zip(predictions, image_ids, strict=True):
-                for prediction_i, image_id in zip(prediction.numpy(), ids.numpy(), strict=True):
-                    save_prediction(
-                        prediction_i, image_id.decode(), save_predictions_dir, palette, label_ids, index=saved
-                    )
-                    saved += 1
+            saved = _save_predictions(strategy, outputs, save_predictions_dir, palette, label_ids, saved)
         if log_every and steps % log_every == 0:
             logging.info("eval: %d examples, running mIoU %.4f", examples, matrix.result()["miou"])
     seconds = time.perf_counter() - start
@@ -232,6 +242,18 @@ def evaluate(
         result["macc"],
     )
     return result
+
+
+def _save_predictions(strategy, outputs, output_dir, palette, label_ids, saved: int) -> int:
+    """Writes the predictions of one eval step; returns the running count of images written."""
+    # Each worker writes the examples its own replicas evaluated.
+    predictions = strategy.experimental_local_results(outputs[3])
+    image_ids = strategy.experimental_local_results(outputs[4])
+    for prediction, ids in zip(predictions, image_ids, strict=True):
+        for prediction_i, image_id in zip(prediction.numpy(), ids.numpy(), strict=True):
+            save_prediction(prediction_i, image_id.decode(), output_dir, palette, label_ids, index=saved)
+            saved += 1
+    return saved
 
 
 def to_jsonable(result: dict) -> dict:

@@ -69,10 +69,10 @@ class Predictor:
 
     @classmethod
     def _load_fixed(cls, path: str, max_pixels: int) -> Predictor:
-        if not os.path.isfile(path):
+        if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
             raise FileNotFoundError(f"no export file {path}")
         runner = export.load_runner(path)
-        names, palette = export.read_class_info(os.path.dirname(os.path.abspath(path)))
+        names, palette = export.read_class_info(os.path.dirname(path) or ".")
 
         def serve(images):
             outputs = {"labels": [], "confidence": [], "heights": [], "widths": []}
@@ -152,10 +152,11 @@ def list_images(path: str) -> list[str]:
     Raises:
       FileNotFoundError: `path` does not exist.
     """
-    if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
-        return [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
-    if os.path.exists(path):
+    # Through TensorFlow's filesystem layer: `path` may be a URL (gs://, file://, ...).
+    if tf.io.gfile.isdir(path):
+        names = sorted(n for n in tf.io.gfile.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+        return [os.path.join(path, n) for n in names if not tf.io.gfile.isdir(os.path.join(path, n))]
+    if tf.io.gfile.exists(path):
         return [path]
     raise FileNotFoundError(f"input not found: {path}")
 
@@ -194,11 +195,11 @@ def predict_files(
     Returns:
       One `FileResult` per path, in order.
     """
-    os.makedirs(output_dir, exist_ok=True)
+    tf.io.gfile.makedirs(output_dir)
     results = []
     for path, stem in zip(paths, _output_stems(paths)):
         try:
-            with open(path, "rb") as f:
+            with tf.io.gfile.GFile(path, "rb") as f:
                 contents = f.read()
             labels, _ = predictor.segment(contents)
             # Decoded as the serving graph decodes it (RGB, first frame).

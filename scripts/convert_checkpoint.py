@@ -12,13 +12,13 @@ missing, unexpected or mis-shaped key, every problem is listed and nothing
 is written.
 """
 
-import os
 import sys
 
 from absl import app, flags
 
 import experiments
 from fcn_tf import config as config_lib
+from fcn_tf import storage
 from fcn_tf.models import convert
 
 _EXPERIMENT = flags.DEFINE_string(
@@ -42,9 +42,9 @@ def main(argv):
     del argv
     try:
         config = experiments.resolve(_EXPERIMENT.value, overrides=_OVERRIDE.value)
-        output = os.path.expanduser(_OUTPUT.value)
+        output = storage.normalize(_OUTPUT.value)
         summary = convert.convert_checkpoint(
-            config.model, os.path.expanduser(_INPUT.value), output, _KIND.value
+            config.model, storage.normalize(_INPUT.value), output, _KIND.value
         )
     # OSError: a missing input, an output folder that cannot be written, a full disk.
     except (config_lib.ConfigError, convert.ConversionError, OSError, ValueError) as e:

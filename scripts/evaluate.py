@@ -19,6 +19,7 @@ from fcn_tf.devices import prefer_onednn
 
 prefer_onednn()  # before TensorFlow is imported
 
+import tensorflow as tf
 from absl import app, flags
 
 import experiments
@@ -70,12 +71,13 @@ def write_output(path: str, record: dict) -> None:
       record: plain values only (nan already turned into None).
     """
     try:
+        # Through TensorFlow's filesystem layer: `path` may be a URL (gs://, file://, ...).
         directory = os.path.dirname(path)
         if directory:
-            os.makedirs(directory, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(record, f, indent=2, allow_nan=False)
-    except OSError as e:
+            tf.io.gfile.makedirs(directory)
+        with tf.io.gfile.GFile(path, "w") as f:
+            f.write(json.dumps(record, indent=2, allow_nan=False))
+    except (OSError, tf.errors.OpError) as e:
         sys.exit(f"error: cannot write --output={path}: {e}")
     print(f"Wrote {path}")
 

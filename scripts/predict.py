@@ -16,6 +16,7 @@ from fcn_tf.devices import prefer_onednn
 
 prefer_onednn()  # before TensorFlow is imported
 
+import tensorflow as tf
 from absl import app, flags
 
 import experiments
@@ -55,7 +56,7 @@ def main(argv):
     else:
         if not _EXPERIMENT.value:
             raise app.UsageError("--checkpoint needs --experiment")
-        workdir = _CHECKPOINT.value if os.path.isdir(_CHECKPOINT.value) else None
+        workdir = _CHECKPOINT.value if tf.io.gfile.isdir(_CHECKPOINT.value) else None
         try:
             config = experiments.resolve(_EXPERIMENT.value, workdir, _OVERRIDE.value)
         except ConfigError as e:

@@ -14,8 +14,9 @@ The strategy follows the machine (multi-worker when the cluster has several
 workers, else mirrored over the local GPUs, else the CPU). The cluster is
 read by TensorFlow's resolver for TF_CONFIG (Kubernetes and most launchers)
 or for Slurm (`srun`, one task per worker); `trainer.collective` picks the
-all-reduce (auto, nccl, ring). On SIGTERM a checkpoint is saved and the
-process exits with code 42 (rerun to resume).
+all-reduce (auto = NCCL on GPUs, else ring). On SIGTERM (any platform, also
+during evaluation) every worker saves the same step and the process exits with
+code 143 (`trainer.preemption_exit_code`); rerun to resume.
 """
 
 import sys
@@ -26,10 +27,28 @@ prefer_onednn()  # before TensorFlow is imported
 
 from absl import app, flags, logging
 
-import experiments
+
+def _resolve_cluster_first():
+    """The cluster, resolved before anything asks TensorFlow about devices.
+
+    TensorFlow registers an absl start-up callback that lists the GPUs
+    (tensorflow/python/distribute/combinations.py, imported with Keras); that
+    fixes the GPUs the process sees before SlurmClusterResolver can give
+    each task its own (CUDA_VISIBLE_DEVICES). Registered before TensorFlow
+    is imported, this callback runs first; errors are reported by main().
+    """
+    if _STRATEGY.value in ("auto", "multiworker"):
+        try:
+            distribute.cluster_resolver(_CLUSTER.value, _SLURM_PORT_BASE.value)
+        except ValueError:
+            pass
+
+
+app.call_after_init(_resolve_cluster_first)
+
+import experiments  # noqa: E402  (after the start-up callback above)
 from fcn_tf import distribute, training
 from fcn_tf.config import ConfigError
-from fcn_tf.devices import set_inter_op_threads
 
 _EXPERIMENT = flags.DEFINE_string(
     "experiment", None, "Registered experiment name (scripts/list_experiments.py).", required=True
@@ -47,6 +66,14 @@ _CLUSTER = flags.DEFINE_enum(
 )
 _SLURM_PORT_BASE = flags.DEFINE_integer(
     "slurm_port_base", distribute.SLURM_PORT_BASE, "--cluster=slurm: port of a node's first task."
+)
+_LOCK_WORKDIR = flags.DEFINE_bool(
+    "lock_workdir",
+    True,
+    "Lock the workdir against a second run; --nolock_workdir only where the filesystem refuses locks.",
+)
+_ALLOW_CPU = flags.DEFINE_bool(
+    "allow_cpu", False, "Train on the CPU although nvidia-smi lists GPUs that TensorFlow does not see."
 )
 _FROM_SCRATCH = flags.DEFINE_bool(
     "from_scratch", False, "Ignore model.pretrained_backbone and start from random weights."
@@ -69,10 +96,15 @@ def main(argv):
         config = experiments.resolve(_EXPERIMENT.value, _WORKDIR.value, assignments)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    set_inter_op_threads(config.trainer.inter_op_threads)  # before the strategy starts TensorFlow
     try:
+        # The cluster is resolved before any device query (Slurm sets this task's GPUs).
         strategy = distribute.make_strategy(
-            _STRATEGY.value, _CLUSTER.value, config.trainer.collective, _SLURM_PORT_BASE.value
+            _STRATEGY.value,
+            _CLUSTER.value,
+            config.trainer.collective,
+            _SLURM_PORT_BASE.value,
+            inter_op_threads=config.trainer.inter_op_threads,
+            allow_cpu=_ALLOW_CPU.value,
         )
     except ValueError as e:
         sys.exit(f"error: {e}")
@@ -83,10 +115,11 @@ def main(argv):
             strategy,
             from_scratch=_FROM_SCRATCH.value,
             init_checkpoint=_INIT_CHECKPOINT.value,
+            lock_workdir=_LOCK_WORKDIR.value,
         )
     except training.Preempted as e:
         logging.warning("%s", e)
-        sys.exit(training.PREEMPTED_EXIT_CODE)
+        sys.exit(e.exit_code)
     except (
         training.NonFiniteLossError,
         training.WorkdirLockedError,

@@ -28,6 +28,7 @@ import os
 import posixpath
 import re
 
+from fcn_tf import storage
 from fcn_tf.config import ConfigError, ExperimentConfig
 
 CLASSES_FILE = "classes.txt"
@@ -118,8 +119,7 @@ def parse_classes(text: str, path: str) -> ClassList:
 
 def dataset_dir(data_dir: str, name: str) -> str:
     """DATA_DIR/NAME/VERSION, where a folder dataset is prepared (a local path or a URL)."""
-    base = data_dir if "://" in data_dir else os.path.expanduser(data_dir)
-    return posixpath.join(base, name, VERSION)
+    return posixpath.join(storage.normalize(data_dir), name, VERSION)
 
 
 def read_class_info(data_dir: str, name: str) -> dict:

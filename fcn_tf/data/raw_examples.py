@@ -77,11 +77,11 @@ def lookup_table(mapping: dict[int, int]) -> np.ndarray:
 def read_bytes(path: str) -> bytes:
     """Reads a file, turning a missing or unreadable file into a BadExampleError."""
     try:
-        with open(path, "rb") as f:
+        with tf.io.gfile.GFile(path, "rb") as f:
             return f.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, tf.errors.NotFoundError):
         raise BadExampleError(path, "file is missing (it is listed in the split)") from None
-    except OSError as e:
+    except (OSError, tf.errors.OpError) as e:
         raise BadExampleError(path, f"cannot read file: {e}") from None
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from fcn_tf import storage
 from fcn_tf.config import DataConfig
 from fcn_tf.data import encoded, raw_examples, records
 from fcn_tf.data.ade20k import Ade20k
@@ -126,8 +127,7 @@ def prepare(
       BadExampleError: a bad example (without `skip_bad_examples`).
     """
     cls = builder_class(dataset, name)
-    manual_dir = Path(manual_dir).expanduser()
-    data_dir = Path(data_dir).expanduser()
+    manual_dir, data_dir = _local_folder(manual_dir, "raw data"), _local_folder(data_dir, "data_dir")
     if not manual_dir.is_dir() or not any(manual_dir.iterdir()):
         raise raw_examples.DatasetLayoutError(
             f"{manual_dir}: manual directory is missing or empty. {cls.MANUAL_DOWNLOAD_INSTRUCTIONS}"
@@ -169,16 +169,35 @@ def prepare(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _local_folder(path: str, what: str) -> Path:
+    """Preparation works on local folders (TFDS builds and renames there): a URL is refused in one line."""
+    local = storage.local_path(path)
+    if local is None:
+        raise raw_examples.DatasetLayoutError(
+            f"{what} {path}: prepare_data.py works on local folders; prepare into a local --data_dir and copy "
+            "the prepared folder to the bucket (e.g. gsutil -m cp -r), then train with --data_dir=URL"
+        )
+    return Path(local)
+
+
 def _builder(data_config: DataConfig) -> SegmentationBuilder:
-    data_dir = os.path.expanduser(data_config.data_dir)
+    # Training reads through TensorFlow's filesystem layer: data_dir may be a URL TFDS opens.
+    data_dir = storage.tfds_path(data_config.data_dir)
+    if data_dir is None:
+        raise DatasetNotPreparedError(
+            f"data.data_dir={data_config.data_dir}: TensorFlow Datasets reads datasets from local paths, "
+            f"file:// and {', '.join(storage.TFDS_SCHEMES)} URLs only; copy the prepared folder to one of those"
+        )
     builder = builder_class(data_config.dataset, data_config.name)(data_dir=data_dir)
     if not builder.is_prepared():
         command = prepare_command(data_config.dataset, data_config.data_dir, data_config.name)
-        dataset_dir = Path(builder.data_path).parent
+        dataset_dir = os.path.dirname(str(builder.data_path).rstrip("/"))
+        names = tf.io.gfile.listdir(dataset_dir) if tf.io.gfile.isdir(dataset_dir) else []
         older = sorted(
-            p.name
-            for p in dataset_dir.glob("*")
-            if p.name != str(builder.version) and (p / "dataset_info.json").is_file()
+            name.rstrip("/")
+            for name in names
+            if name.rstrip("/") != str(builder.version)
+            and tf.io.gfile.exists(os.path.join(dataset_dir, name.rstrip("/"), "dataset_info.json"))
         )
         if older:
             notes = builder.RELEASE_NOTES.get(str(builder.version), "").rstrip(".")

@@ -22,6 +22,7 @@ The synthetic dataset uses the same layout and reader (`voc_split`).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +64,9 @@ def read_sbd_mat(path: str) -> np.ndarray:
     Raises:
       BadExampleError: missing, unreadable or not SBD's struct format.
     """
-    if not Path(path).is_file():
-        raise BadExampleError(path, "file is missing (it is listed in the split)")
+    contents = raw_examples.read_bytes(path)  # through tf.io.gfile; missing -> BadExampleError
     try:
-        mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+        mat = scipy.io.loadmat(io.BytesIO(contents), squeeze_me=True, struct_as_record=False)
     except Exception as e:  # scipy raises several types for corrupt files.
         raise BadExampleError(path, f"cannot read .mat file ({type(e).__name__}: {e})") from None
     gt = mat.get("GTcls")

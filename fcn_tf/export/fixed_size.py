@@ -37,7 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fcn_tf import metrics
+from fcn_tf import metrics, storage
 from fcn_tf.data import augment, sources, synthetic
 from fcn_tf.export import litert, onnx
 from fcn_tf.export.common import (
@@ -366,7 +366,7 @@ def target_paths(export_dir: str, variants) -> dict:
     for key in keys:
         if key not in VARIANTS:
             raise ExportError(f"unknown export variant {key}; choose from {sorted(VARIANTS)}")
-    export_dir = os.path.expanduser(export_dir)
+    export_dir = storage.normalize(export_dir)
     targets = {key: os.path.join(export_dir, VARIANTS[key].filename) for key in keys}
     for path in targets.values():
         if tf.io.gfile.exists(path):
@@ -416,7 +416,7 @@ def export(
         checked before it stay).
     """
     targets = target_paths(export_dir, variants)
-    export_dir = os.path.expanduser(export_dir)
+    export_dir = storage.normalize(export_dir)
     names, colours = class_info(config, class_names, palette)
     module = FixedSizeModel(config, model, size or default_size(config), batch_size, input_dtype, fold_bn)
     images = check_images(module.input_spec)

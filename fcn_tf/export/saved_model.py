@@ -58,7 +58,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-from fcn_tf import inference
+from fcn_tf import inference, storage
 from fcn_tf.data import augment
 from fcn_tf.export.common import ExportError, class_info, inference_model, saved_variables, write_assets
 
@@ -335,7 +335,7 @@ def version_dir(export_dir_base: str, version: int | None = None) -> str:
       FileExistsError: the version directory already exists.
       ExportError: a bad version.
     """
-    export_dir_base = os.path.expanduser(export_dir_base).rstrip("/")
+    export_dir_base = storage.normalize(export_dir_base).rstrip("/")
     if version is None:
         version = next_version(export_dir_base)
     if not isinstance(version, int) or version < 0:
@@ -444,7 +444,7 @@ def export(
     if tf.io.gfile.exists(target):  # another export took this version meanwhile
         tf.io.gfile.rmtree(staging)
         raise FileExistsError(f"export version already exists, not overwriting: {target}")
-    tf.io.gfile.rename(staging, target)
+    storage.rename_folder(staging, target)
     return target
 
 
@@ -460,7 +460,7 @@ def resolve_version_dir(export_dir: str) -> str:
     Raises:
       FileNotFoundError: no SavedModel there.
     """
-    export_dir = os.path.expanduser(export_dir).rstrip("/")
+    export_dir = storage.normalize(export_dir).rstrip("/")
     if tf.io.gfile.exists(os.path.join(export_dir, "saved_model.pb")):
         return export_dir
     latest = next_version(export_dir) - 1

@@ -21,12 +21,16 @@ any missing, unexpected or mis-shaped key nothing is written.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import tempfile
 
 import keras
 import numpy as np
+import tensorflow as tf
+
+from fcn_tf import storage
 
 FCN_BACKBONE_PREFIX = "backbone_net."
 # Tensors that carry no weights we need.
@@ -49,26 +53,29 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
       FileNotFoundError: the file does not exist.
       ConversionError: unknown format or not a state dict.
     """
-    if not os.path.isfile(path):
+    if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     ext = os.path.splitext(path)[1].lower()
+    # Read through TensorFlow's filesystem layer (the path may be a URL), parsed from memory.
+    with tf.io.gfile.GFile(path, "rb") as f:
+        raw = f.read()
     if ext in (".pth", ".pt", ".bin"):
         try:
             import torch
         except ImportError as e:
             raise ConversionError(f"reading {path} needs PyTorch: pip install '.[torch]'") from e
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         obj = _unwrap(obj, path)
         return {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
     if ext == ".npz":
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as data:
             return _unwrap({k: data[k] for k in data.files}, path)
     if ext == ".safetensors":
         try:
-            from safetensors.numpy import load_file
+            from safetensors.numpy import load
         except ImportError as e:
             raise ConversionError(f"reading {path} needs safetensors: pip install '.[safetensors]'") from e
-        return _unwrap(load_file(path), path)
+        return _unwrap(load(raw), path)
     raise ConversionError(f"unknown checkpoint format {ext!r} for {path}; use .pth, .npz or .safetensors")
 
 
@@ -207,19 +214,26 @@ def convert_backbone(backbone: keras.Model, state_dict, model_config) -> list[st
 
 
 def save_weights_atomically(model: keras.Model, output: str) -> None:
-    """Writes `output` (a `.weights.h5`) via a temporary file, so a failure leaves nothing half-written."""
+    """Writes `output` (a `.weights.h5`, local or URL) so that a failure leaves nothing half-written.
+
+    The file is written in a local scratch folder, copied beside `output` and
+    renamed over it (through `tf.io.gfile`).
+    """
     if not output.endswith(".weights.h5"):
         raise ValueError(f"output must end with .weights.h5: {output}")
-    directory = os.path.dirname(os.path.abspath(output))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".weights.h5", dir=directory)
-    os.close(fd)
-    try:
-        model.save_weights(tmp, overwrite=True)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    directory = os.path.dirname(output)
+    if directory:
+        tf.io.gfile.makedirs(directory)
+    staged = f"{output}.tmp"
+    with tempfile.TemporaryDirectory() as scratch:  # a local folder of our own, not a user path
+        local = os.path.join(scratch, "model.weights.h5")
+        model.save_weights(local, overwrite=True)
+        try:
+            tf.io.gfile.copy(local, staged, overwrite=True)
+            tf.io.gfile.rename(staged, output, overwrite=True)
+        finally:
+            if tf.io.gfile.exists(staged):
+                tf.io.gfile.remove(staged)
 
 
 def convert_checkpoint(model_config, input_path: str, output_path: str, kind: str = "auto") -> dict:
@@ -271,8 +285,8 @@ def load_pretrained_backbone(model: keras.Model, path: str, source: str = "") ->
       FileNotFoundError: naming the expected file, where to get the original
         and how to train from scratch instead.
     """
-    path = os.path.expanduser(path)
-    if not os.path.isfile(path):
+    path = storage.normalize(path)
+    if not tf.io.gfile.exists(path):
         hint = f" Download the original from {source} and convert it:" if source else " Convert it:"
         raise FileNotFoundError(
             f"pretrained backbone not found: {path}.{hint} python scripts/convert_checkpoint.py "

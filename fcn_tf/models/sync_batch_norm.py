@@ -19,7 +19,7 @@ class SyncBatchNormXlaError(RuntimeError):
     """XLA with BatchNorm synchronized over replicas that are not all GPUs (see `check_xla_sync_bn`)."""
 
 
-def check_xla_sync_bn(devices, replicas: int) -> None:
+def check_xla_sync_bn(devices, replicas: int, collective: str | None = None) -> None:
     """Refuses XLA-compiled synchronized BatchNorm where TensorFlow cannot run it.
 
     TensorFlow runs a cross-replica all-reduce inside a jit-compiled function
@@ -31,15 +31,25 @@ def check_xla_sync_bn(devices, replicas: int) -> None:
     Args:
       devices: the replicas' device strings (`strategy.extended.worker_devices`).
       replicas: replicas in sync; one replica needs no all-reduce.
+      collective: the all-reduce between workers ("nccl" or "ring"), None on
+        one machine. A compiled all-reduce between GPUs runs on NCCL: a ring
+        hint cannot be honoured there.
 
     Raises:
-      SyncBatchNormXlaError: several replicas, not all of them GPUs.
+      SyncBatchNormXlaError: several replicas, not all of them GPUs, or a
+        ring all-reduce between workers.
     """
     if replicas > 1 and not all(tf.DeviceSpec.from_string(d).device_type == "GPU" for d in devices):
         raise SyncBatchNormXlaError(
             f"trainer.jit_compile=true with BatchNorm synchronized over {replicas} replicas on "
             f"{', '.join(devices)}: TensorFlow compiles the cross-replica all-reduce into XLA only when every "
             "replica is a GPU; set trainer.jit_compile=false or model.sync_bn=false"
+        )
+    if replicas > 1 and collective == "ring":
+        raise SyncBatchNormXlaError(
+            "trainer.jit_compile=true with synchronized BatchNorm and trainer.collective=ring: XLA compiles the "
+            "cross-worker all-reduce only with NCCL; set trainer.collective=auto (NCCL on GPUs) or "
+            "trainer.jit_compile=false"
         )
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import shutil
 import signal
 import tempfile
@@ -32,42 +31,23 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from fcn_tf import distribute, eval_lib, summaries
+from fcn_tf import distribute, eval_lib, storage, summaries
 from fcn_tf.config import ExperimentConfig, validate
 from fcn_tf.data import build_dataset
 from fcn_tf.models import build_fcn
 from fcn_tf.models.convert import load_pretrained_backbone
 from fcn_tf.optimizers import build_optimizer
 from fcn_tf.schedules import poly_from_config
-from fcn_tf.training import resume
+from fcn_tf.training import preemption, resume
 from fcn_tf.training.init_checkpoint import initialize
+from fcn_tf.training.preemption import Preempted
 from fcn_tf.training.settings import apply_training_settings
 from fcn_tf.training.step import TrainStep, make_train_iterator, make_train_step
 from fcn_tf.training.workdir import workdir_lock, write_config
 
-# Exit code after a preemption checkpoint: TensorFlow's own default for
-# platforms other than Borg/GCP; cluster managers restart on it.
-PREEMPTED_EXIT_CODE = 42
-
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; nothing was saved after the last good checkpoint."""
-
-
-class Preempted(Exception):
-    """SIGTERM received: a checkpoint was saved at a step boundary and training stopped.
-
-    Args:
-      step: the step the checkpoint holds.
-      checkpoint: its model checkpoint prefix.
-    """
-
-    def __init__(self, step: int, checkpoint: str | None):
-        super().__init__(
-            f"preempted (SIGTERM): checkpoint saved at step {step} ({checkpoint}); rerun to resume"
-        )
-        self.step = step
-        self.checkpoint = checkpoint
 
 
 def load_pretrained(model: keras.Model, config: ExperimentConfig) -> str:
@@ -81,8 +61,8 @@ def load_pretrained(model: keras.Model, config: ExperimentConfig) -> str:
       FileNotFoundError: the file is missing; the message says where the
         original checkpoint is published and how to train without it.
     """
-    path = os.path.expanduser(config.model.pretrained_backbone)
-    if not os.path.isfile(path):
+    path = storage.normalize(config.model.pretrained_backbone)
+    if not tf.io.gfile.exists(path):
         source = config.model.pretrained_backbone_source or "(no source recorded)"
         raise FileNotFoundError(
             f"pretrained backbone not found: {path}\n"
@@ -109,6 +89,7 @@ def train(
     eval_dataset_fn: Callable[[], tf.data.Dataset] | None = None,
     evaluate: bool = True,
     input_observer: Callable[[int, object], None] | None = None,
+    lock_workdir: bool = True,
 ) -> dict:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if any.
 
@@ -136,6 +117,8 @@ def train(
         batch that step consumed, e.g. to record which examples each worker
         trained on. It reads them on the host every step: for tests and
         tooling, not for fast training.
+      lock_workdir: lock the workdir (`workdir.workdir_lock`); False only on
+        a filesystem that refuses locks, with one run per workdir.
 
     Returns:
       {"step", "loss" (last total loss), "checkpoint", "eval" (last eval
@@ -162,20 +145,17 @@ def train(
     config = validate(config)
     strategy = strategy or distribute.make_strategy("auto")
     apply_training_settings(config, strategy)  # TF32; XLA + SyncBN refused where unsupported
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    # Kept as given: a URL (gs://, file://, ...) stays a URL (fcn_tf.storage).
+    workdir = storage.normalize(workdir)
     _check_batch_split(config, strategy.num_replicas_in_sync)
-    os.makedirs(workdir, exist_ok=True)
-    hooks = _Hooks(
-        model_fn=model_fn or (lambda c: build_fcn(c.model)),
-        dataset_fn=dataset_fn or (lambda input_context: build_dataset(config.data, True, input_context)),
-        eval_dataset_fn=eval_dataset_fn,
-        evaluate=evaluate,
-        input_observer=input_observer,
-    )
+    tf.io.gfile.makedirs(workdir)
+    model_fn = model_fn or (lambda c: build_fcn(c.model))
+    dataset_fn = dataset_fn or (lambda input_context: build_dataset(config.data, True, input_context))
+    hooks = _Hooks(model_fn, dataset_fn, eval_dataset_fn, evaluate, input_observer)
     # Only the chief locks: the other workers of a multi-worker job share the
     # workdir (they write only their own input positions there).
-    lock = workdir_lock(workdir) if distribute.is_chief(strategy) else contextlib.nullcontext()
-    with lock:
+    chief = distribute.is_chief(strategy)
+    with workdir_lock(workdir, lock_workdir) if chief else contextlib.nullcontext():
         return _train_locked(config, workdir, strategy, hooks, from_scratch, init_checkpoint)
 
 
@@ -215,6 +195,7 @@ class _Job:
     writer: object = None
     eval_writer: object = None
     handler: object = None
+    watcher: object = None
     image_batch: object = None
 
 
@@ -284,7 +265,10 @@ def _train_locked(config, workdir, strategy, hooks, from_scratch, init_checkpoin
         )
         state = _RunState(step=int(ckpts.step.numpy()), start_step=int(ckpts.step.numpy()))
         state.checkpoint = ckpts.model.latest_checkpoint
-        job.handler = _preemption_handler(strategy, scratch, lambda **_: _save(job, state))
+        job.watcher = preemption.SigtermWatcher()  # SIGTERM on every platform (preemption.py)
+        job.handler = preemption.make_handler(
+            strategy, scratch, lambda **_: _save_once(job, state), job.watcher
+        )
         return _loop(job, state)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -307,35 +291,10 @@ def _save(job: _Job, state: _RunState) -> str:
     return path
 
 
-class _PreemptionExit(Exception):
-    pass
-
-
-def _raise_preemption_exit():
-    raise _PreemptionExit()
-
-
-def _preemption_handler(strategy, scratch, save_fn):
-    """TensorFlow's PreemptionCheckpointHandler: on SIGTERM, save at the next step boundary, then stop.
-
-    The handler decides when (the same step on every worker); `save_fn`
-    saves. Its own manager is an empty one: the handler restores that
-    manager's latest checkpoint when it is made, and the run has already
-    restored its own resume step (which need not be the newest checkpoint).
-    """
-    empty = tf.train.CheckpointManager(tf.train.Checkpoint(), os.path.join(scratch, "preemption"), 1)
-    try:
-        with strategy.scope():
-            return tf.distribute.experimental.PreemptionCheckpointHandler(
-                getattr(strategy, "cluster_resolver", None),
-                empty,
-                termination_config=tf.distribute.experimental.TerminationConfig(
-                    exit_fn=_raise_preemption_exit, save_fn=save_fn
-                ),
-            )
-    except ValueError as e:  # signal handlers can only be installed from the main thread
-        logging.warning("No preemption handling (%s)", e)
-        return None
+def _save_once(job: _Job, state: _RunState) -> None:
+    """The preemption save: step `state.step` unless its periodic checkpoint is already written."""
+    if state.checkpoint is None or not state.checkpoint.endswith(f"-{state.step}"):
+        _save(job, state)
 
 
 # --------------------------------------------------------------------------- loop
@@ -374,8 +333,8 @@ def _loop(job: _Job, state: _RunState) -> dict:
             _periodic_actions(job, state)
             # Saving, evaluation and images are not counted as step time.
             state.window_start += time.perf_counter() - pause_start
-    except _PreemptionExit:
-        raise Preempted(state.step, state.checkpoint) from None
+    except preemption.PreemptionExit:
+        raise Preempted(state.step, state.checkpoint, t.preemption_exit_code) from None
     finally:
         for w in (job.writer, job.eval_writer):
             if w is not None:
@@ -477,7 +436,12 @@ def _periodic_actions(job: _Job, state: _RunState) -> None:
         _save(job, state)
     if job.hooks.evaluate and ((t.eval_every and state.step % t.eval_every == 0) or last):
         _raise_if_non_finite(job, state)
-        state.eval = _eval_action(job, state.step)
+        try:
+            state.eval = _eval_action(job, state.step)
+        except eval_lib.EvaluationInterrupted:
+            # Every worker stopped at the same batch (eval_lib agrees on it): all save this step.
+            _save_once(job, state)
+            raise preemption.PreemptionExit() from None
 
 
 def _images_action(job: _Job, step: int) -> None:
@@ -497,6 +461,7 @@ def _eval_action(job: _Job, step: int) -> dict:
         strategy=job.strategy,
         max_examples=job.config.trainer.eval_max_examples,
         log_every=0,
+        stop_fn=job.watcher.received if job.watcher is not None else None,
     )
     scalars = summaries.eval_scalars(results, summaries.class_names(job.config))
     logging.info(

@@ -20,6 +20,7 @@ import tensorflow as tf
 from absl import logging
 from google.protobuf import text_format
 
+from fcn_tf import storage
 from fcn_tf.checkpoints import (
     STATE_FILE,
     UnreadableCheckpointError,
@@ -110,8 +111,8 @@ def _write_state(directory: str, newest: str, state, dropped: set[str]) -> None:
     )
     proto = tf.compat.v1.train.generate_checkpoint_state_proto(
         directory,
-        os.path.relpath(newest, directory),
-        all_model_checkpoint_paths=[os.path.relpath(p, directory) for p in kept],
+        storage.relative(newest, directory),
+        all_model_checkpoint_paths=[storage.relative(p, directory) for p in kept],
         all_model_checkpoint_timestamps=[entries[p] for p in kept],
         last_preserved_timestamp=preserved,
     )

@@ -155,7 +155,7 @@ def _step_before(workdir: str, latest: str | None) -> str | None:
 
 
 def _saved_workers(prefix: str) -> int:
-    return int(tf.train.load_checkpoint(prefix).get_tensor("num_workers/.ATTRIBUTES/VARIABLE_VALUE"))
+    return int(checkpoints.read_checkpoint(prefix).get_tensor("num_workers/.ATTRIBUTES/VARIABLE_VALUE"))
 
 
 def _inputs_complete(workdir: str, step: int, num_workers: int) -> bool:

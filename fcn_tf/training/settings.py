@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from fcn_tf import distribute
 from fcn_tf.config import ExperimentConfig
 from fcn_tf.models.sync_batch_norm import check_xla_sync_bn
 
@@ -15,7 +16,8 @@ def apply_training_settings(config: ExperimentConfig, strategy) -> None:
     and newer GPUs; the reference publishes its numbers without it). XLA
     (`trainer.jit_compile`) with synchronized BatchNorm over several
     replicas is refused here, with a one-line message, where TensorFlow
-    cannot compile it (`fcn_tf.models.sync_batch_norm.check_xla_sync_bn`).
+    cannot compile it: replicas that are not all GPUs, or a ring all-reduce
+    between workers (`fcn_tf.models.sync_batch_norm.check_xla_sync_bn`).
 
     Args:
       config: the validated `ExperimentConfig`.
@@ -27,4 +29,9 @@ def apply_training_settings(config: ExperimentConfig, strategy) -> None:
     """
     tf.config.experimental.enable_tensor_float_32_execution(config.trainer.tf32)
     if config.trainer.jit_compile and config.model.sync_bn:
-        check_xla_sync_bn(strategy.extended.worker_devices, strategy.num_replicas_in_sync)
+        devices = strategy.extended.worker_devices
+        collective = None
+        if distribute.num_workers(strategy) > 1:  # the all-reduce between workers follows the hint
+            gpus = all(tf.DeviceSpec.from_string(d).device_type == "GPU" for d in devices)
+            collective = distribute.resolve_collective(config.trainer.collective, gpus)
+        check_xla_sync_bn(devices, strategy.num_replicas_in_sync, collective)

@@ -3,7 +3,7 @@
 Each case runs scripts/train.py in subprocesses on a tiny synthetic dataset
 with op determinism on: the straight run (N steps), then a run killed after
 a checkpoint (SIGKILL) or preempted (SIGTERM -> TensorFlow's
-PreemptionCheckpointHandler saves at the next step boundary and exits 42),
+PreemptionCheckpointHandler saves at the next step boundary and exits 143),
 restarted with the same command until step N. The final checkpoints must
 hold identical model and optimizer variables.
 """
@@ -114,7 +114,7 @@ def test_sigterm_saves_at_step_boundary_then_restart_matches_straight_run(straig
     proc.send_signal(signal.SIGTERM)
     code, out = _finish(proc)
     out = "".join(lines) + out
-    assert code == 42, out[-4000:]
+    assert code == 143, out[-4000:]
     assert "preempted (SIGTERM)" in out
     saved = _latest(workdir)
     assert 2 < _step_of(saved) < STEPS, out[-4000:]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import h5py
 import keras
@@ -127,7 +128,10 @@ def _restored_source(path: str, target: ModelConfig) -> tuple[keras.Model, str, 
     # Called outside the strategy's scope: a plain model to read from.
     source = build_fcn(source_config, sync_bn=False, name="init_source")
     try:
-        checkpoints.restore_model(source, resolved)
+        with warnings.catch_warnings():
+            # Keras warns once per layer group a file of another architecture lacks; the error below says it once.
+            warnings.filterwarnings("ignore", "Skipping nested container", UserWarning)
+            checkpoints.restore_model(source, resolved)
     except (ValueError, AssertionError, OSError, tf.errors.OpError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InitCheckpointError(

@@ -166,6 +166,8 @@ def reduces_batch_norm(channels: int, onednn: bool) -> bool:
 def batch_norm_by_reductions(x, gamma, beta, epsilon: float):
     """Training-mode BatchNorm of NHWC `x`; returns (outputs, mean, biased variance).
 
+    The layer unbiases the variance for its moving average (`layers.BatchNorm`).
+
     The statistics are two reductions over all but the channel axis (the
     mean, then the mean squared deviation from it), the output one
     multiply-add per element, and the gradient TensorFlow's fused kernel

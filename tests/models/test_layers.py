@@ -9,6 +9,9 @@ from fcn_tf.models import cpu_kernels, layers
 from fcn_tf.models.layers import BatchNorm, Conv2D
 from harness.graphs import traced_graph
 
+# Graphs whose ops follow the kernel choice: .ci/run also runs them with oneDNN on and off.
+pytestmark = pytest.mark.kernels
+
 
 def _relative(a, b):
     return float(tf.reduce_max(tf.abs(a - b)) / tf.reduce_max(tf.abs(b)))

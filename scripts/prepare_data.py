@@ -15,6 +15,10 @@ in the docstrings of fcn_tf/data/{voc,ade20k,cityscapes,synthetic}.py.
 
 import sys
 
+from fcn_tf.startup import start
+
+start()  # before TensorFlow is imported; quiet unless --verbosity=1
+
 from absl import app, flags
 
 from fcn_tf.data import sources

@@ -14,9 +14,9 @@ process exits with code 42 (rerun to resume).
 
 import sys
 
-from fcn_tf.devices import prefer_onednn
+from fcn_tf.startup import start
 
-prefer_onednn()  # before TensorFlow is imported
+start(onednn=True)  # before TensorFlow is imported; quiet unless --verbosity=1
 
 from absl import app, flags, logging
 

@@ -100,7 +100,10 @@ class _DropLibraryInfo(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.WARNING:
             return True
-        return not any(f"{os.sep}{name}{os.sep}" in record.pathname for name in _CHATTY)
+        # TensorFlow's own logger, or absl's called from a library module.
+        return record.name.split(".")[0] not in _CHATTY and not any(
+            f"{os.sep}{name}{os.sep}" in record.pathname for name in _CHATTY
+        )
 
 
 def start(onednn: bool = False, argv: list[str] | None = None) -> None:
@@ -118,10 +121,13 @@ def start(onednn: bool = False, argv: list[str] | None = None) -> None:
     # TensorFlow's C++ INFO lines after start-up; warnings and errors stay.
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "1"
     os.environ[_OURS] = "1"
+    from absl import logging as absl_logging
+
+    # absl's handler on the root logger before TensorFlow is imported: TensorFlow
+    # then logs through it (it adds a handler of its own only to a bare root logger).
+    absl_logging.use_absl_handler()
+    absl_logging.get_absl_handler().addFilter(_DropLibraryInfo())
     with _filtered_stderr():
         import tensorflow as tf
 
         tf.config.list_physical_devices()  # the device platforms' start-up (cuInit)
-    from absl import logging as absl_logging
-
-    absl_logging.get_absl_handler().addFilter(_DropLibraryInfo())

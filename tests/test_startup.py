@@ -100,6 +100,7 @@ def test_library_info_lines_are_dropped_and_ours_kept():
         return logging.LogRecord("absl", level, path, 1, "message", None, None)
 
     drop = startup._DropLibraryInfo()
+    assert not drop.filter(logging.LogRecord("tensorflow", logging.INFO, "app.py", 1, "watcher", None, None))
     sharding = os.path.join("site-packages", "tensorflow", "python", "checkpoint", "functional_saver.py")
     assert not drop.filter(record(sharding, logging.INFO))  # "Sharding callback duration" at each checkpoint
     assert drop.filter(record(sharding, logging.WARNING))

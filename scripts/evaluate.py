@@ -15,9 +15,9 @@ import json
 import os
 import sys
 
-from fcn_tf.devices import prefer_onednn
+from fcn_tf.startup import start
 
-prefer_onednn()  # before TensorFlow is imported
+start(onednn=True)  # before TensorFlow is imported; quiet unless --verbosity=1
 
 import tensorflow as tf
 from absl import app, flags

@@ -25,6 +25,10 @@ evaluation split: `python scripts/benchmark.py --what=export
 
 import sys
 
+from fcn_tf.startup import start
+
+start()  # before TensorFlow is imported; quiet unless --verbosity=1
+
 from absl import app, flags
 
 import experiments

@@ -13,6 +13,10 @@ boundary band; deterministic for a given seed. See fcn_tf/data/synthetic.py.
 
 import sys
 
+from fcn_tf.startup import start
+
+start()  # before TensorFlow is imported; quiet unless --verbosity=1
+
 from absl import app, flags
 
 from fcn_tf.data import synthetic

@@ -12,9 +12,9 @@ are still processed; the exit code is 1 when any file failed.
 import os
 import sys
 
-from fcn_tf.devices import prefer_onednn
+from fcn_tf.startup import start
 
-prefer_onednn()  # before TensorFlow is imported
+start(onednn=True)  # before TensorFlow is imported; quiet unless --verbosity=1
 
 import tensorflow as tf
 from absl import app, flags

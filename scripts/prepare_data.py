@@ -18,6 +18,10 @@ per-class pixel shares of each split and the classes that never occur are printe
 
 import sys
 
+from fcn_tf.startup import start
+
+start()  # before TensorFlow is imported; quiet unless --verbosity=1
+
 from absl import app, flags
 
 from fcn_tf.data import folder, folder_info, sources

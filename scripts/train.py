@@ -21,11 +21,7 @@ code 143 (`trainer.preemption_exit_code`); rerun to resume.
 
 import sys
 
-from fcn_tf.devices import prefer_onednn
-
-prefer_onednn()  # before TensorFlow is imported
-
-from absl import app, flags, logging
+from absl import app
 
 
 def _resolve_cluster_first():
@@ -42,9 +38,18 @@ def _resolve_cluster_first():
             distribute.cluster_resolver(_CLUSTER.value, _SLURM_PORT_BASE.value)
         except ValueError:
             pass
+    startup.start_devices()  # only now: the resolver has chosen this task's GPUs
 
 
+# Registered before TensorFlow is imported: importing it registers a callback
+# of its own that lists the GPUs, and callbacks run in the order registered.
 app.call_after_init(_resolve_cluster_first)
+
+from fcn_tf import startup  # noqa: E402
+
+startup.start(onednn=True, devices_now=False)  # before TensorFlow is imported; quiet unless --verbosity=1
+
+from absl import flags, logging  # noqa: E402
 
 import experiments  # noqa: E402  (after the start-up callback above)
 from fcn_tf import distribute, training

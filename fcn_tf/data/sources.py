@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -140,6 +141,10 @@ def prepare(
             "%s: temporary folder of an interrupted or concurrent prepare; delete it if unused", stale
         )
     tmp = Path(tempfile.mkdtemp(prefix=f".prepare_{cls.name}_", dir=data_dir))
+    logging.info("Preparing %s %s from the raw files in %s into %s", cls.name, cls.VERSION, manual_dir, data_dir)
+    if not sys.stderr.isatty():
+        # TFDS's progress bars redraw one line on a terminal; in a log each redraw is a line.
+        tfds.disable_progress_bar()
     try:
         builder = cls(
             data_dir=str(tmp), skip_bad_examples=skip_bad_examples, allow_count_mismatch=allow_count_mismatch

@@ -91,6 +91,15 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         self.skipped: list[BadExampleError] = []
         super().__init__(**kwargs)
 
+    # TFDS prints "Downloading and preparing dataset Unknown size (download: ...)"
+    # and "downloaded and prepared to <temporary folder>": nothing is downloaded
+    # here, and `sources.prepare` says what it prepares and where it ends up.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _info(self) -> tfds.core.DatasetInfo:
         # DatasetInfo(builder=self) instead of dataset_info_from_configs: the
         # latter expects TFDS's package layout (README.md, CITATIONS.bib).

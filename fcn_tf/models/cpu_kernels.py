@@ -85,9 +85,7 @@ def filter_grad(x, dy, kernel_size: int, dilation: int, onednn: bool):
     # (transpose_a), which measured the same on these shapes (BENCHMARKS.md).
     x_t = tf.transpose(tf.reshape(x, [-1, c_in]))
     if kernel_size == 1:
-        if onednn and min(c_in, c_out) < _ONEDNN_MATMUL_MIN_CHANNELS:
-            # oneDNN's matmul runs these narrow products slowly (61-89
-            # GFLOP/s); its own 1x1 filter-gradient kernel gets 113-136.
+        if onednn_filter_grad(kernel_size, c_in, c_out, onednn):
             return tf.raw_ops.Conv2DBackpropFilter(
                 input=x,
                 filter_sizes=[1, 1, c_in, c_out],
@@ -124,6 +122,21 @@ def filter_grad(x, dy, kernel_size: int, dilation: int, onednn: bool):
         tf.concat(products, 1) if groups > 1 else products[0], [c_in, kernel_size, kernel_size, c_out]
     )
     return tf.transpose(dw, [1, 2, 0, 3])
+
+
+def onednn_filter_grad(kernel_size: int, c_in: int, c_out: int, onednn: bool) -> bool:
+    """Whether `filter_grad` runs oneDNN's Conv2DBackpropFilter (else matmuls).
+
+    oneDNN's matmul runs narrow 1x1 products slowly (61-89 GFLOP/s); its own
+    1x1 filter-gradient kernel gets 113-136.
+
+    Args:
+      kernel_size: k of the (k, k, in, out) kernel.
+      c_in: input channels.
+      c_out: output channels.
+      onednn: whether oneDNN's kernels run.
+    """
+    return kernel_size == 1 and onednn and min(c_in, c_out) < _ONEDNN_MATMUL_MIN_CHANNELS
 
 
 def conv2d_same(x, kernel, dilation: int = 1, onednn: bool = False):
@@ -165,6 +178,8 @@ def reduces_batch_norm(channels: int, onednn: bool) -> bool:
 
 def batch_norm_by_reductions(x, gamma, beta, epsilon: float):
     """Training-mode BatchNorm of NHWC `x`; returns (outputs, mean, biased variance).
+
+    The layer unbiases the variance for its moving average (`layers.BatchNorm`).
 
     The statistics are two reductions over all but the channel axis (the
     mean, then the mean squared deviation from it), the output one

@@ -149,8 +149,10 @@ def sync_batch_norm(x, gamma, beta, epsilon: float, replica_ctx=None):
       replica_ctx: the replica context (default: the current one).
 
     Returns:
-      (outputs in x.dtype, global mean, global biased variance), the
-      statistics float32 (C,).
+      (outputs in x.dtype, global mean, global biased variance, global
+      count): the statistics float32 (C,), the count of values per channel
+      over all replicas a float32 scalar (to unbias the variance for the
+      moving average, as PyTorch's SyncBatchNorm).
 
     Raises:
       SyncBatchNormXlaError: traced inside XLA on replicas that are not all GPUs.
@@ -165,4 +167,4 @@ def sync_batch_norm(x, gamma, beta, epsilon: float, replica_ctx=None):
     total, mean, variance, mean_from_shift = _global_statistics(x, shift, replica_ctx)
     inv_std = tf.math.rsqrt(variance + epsilon)
     outputs = _normalize(x, gamma, beta, shift, mean_from_shift, inv_std, total)
-    return outputs, mean, variance
+    return outputs, mean, variance, total

@@ -8,6 +8,9 @@ from fcn_tf.models import cpu_kernels
 from fcn_tf.models.cpu_kernels import conv2d_same
 from harness.graphs import ancestors, traced_graph
 
+# Graphs whose ops follow the kernel choice: .ci/run also runs them with oneDNN on and off.
+pytestmark = pytest.mark.kernels
+
 # (batch, height, width, in, out, kernel, dilation): odd and even sizes, 1x1,
 # dilations up to larger than the feature map.
 CASES = [

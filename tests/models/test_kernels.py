@@ -19,6 +19,9 @@ from fcn_tf.models import build_fcn
 from fcn_tf.models.layers import BatchNorm, Conv2D, resolve_kernels
 from harness.graphs import traced_graph
 
+# Graphs whose ops follow the kernel choice: .ci/run also runs them with oneDNN on and off.
+pytestmark = pytest.mark.kernels
+
 # A small R18-D8 with both heads: strided and dilated convs, 1x1 and 3x3, wide and narrow.
 SMALL = ModelConfig(backbone_depth=18, head_channels=16, aux_channels=16, num_classes=3)
 

@@ -9,6 +9,9 @@ from fcn_tf.models import cpu_kernels, layers
 from fcn_tf.models.layers import BatchNorm, Conv2D
 from harness.graphs import traced_graph
 
+# Graphs whose ops follow the kernel choice: .ci/run also runs them with oneDNN on and off.
+pytestmark = pytest.mark.kernels
+
 
 def _relative(a, b):
     return float(tf.reduce_max(tf.abs(a - b)) / tf.reduce_max(tf.abs(b)))
@@ -92,16 +95,51 @@ def test_batch_norm_training_step_equals_keras(kernel_choices):
     assert _relative(y_fused, y_keras) < 1e-6
     for a, b in zip(g_fused, g_keras):
         assert _relative(a, b) < 1e-5
-    # Moving statistics updated as Keras does (momentum 0.9, biased variance).
-    flat = x.numpy().reshape(-1, 8)
+    # The moving mean as Keras; the moving variance as PyTorch (unbiased, see below).
     np.testing.assert_allclose(fused.moving_mean.numpy(), keras_bn.moving_mean.numpy(), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(fused.moving_variance.numpy(), keras_bn.moving_variance.numpy(), rtol=1e-5)
-    start_var = _batch_norm_pair()[0].moving_variance.numpy()
-    np.testing.assert_allclose(fused.moving_variance.numpy(), 0.9 * start_var + 0.1 * flat.var(0), rtol=1e-5)
-    # Inference uses the moving statistics in both.
+    # Inference uses the moving statistics in both (given the same ones).
+    keras_bn.moving_variance.assign(fused.moving_variance)
     np.testing.assert_allclose(
         fused(x, training=False).numpy(), keras_bn(x, training=False).numpy(), atol=1e-5
     )
+
+
+def pytorch_running_statistics(mean, var, batches, momentum=0.1):
+    """PyTorch's BatchNorm2d / SyncBatchNorm update of (running_mean, running_var), float64, NHWC batches.
+
+    running_var averages the unbiased batch variance (n - 1, n values per
+    channel over the whole batch); `momentum` is PyTorch's (Keras' 0.9).
+    """
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    for x in batches:
+        flat = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+        mean = (1 - momentum) * mean + momentum * flat.mean(0)
+        var = (1 - momentum) * var + momentum * flat.var(0, ddof=1)
+    return mean, var
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"synchronized": True}, {"synchronized": True, "packed_sync": False}],
+    ids=["fused", "packed_sync", "keras_sync"],
+)
+def test_moving_variance_is_pytorchs_after_a_few_steps(kwargs, kernel_choices):
+    # Fused or by reductions (kernel_choices "onednn"), the packed synchronized
+    # path and Keras' own on one replica; 2 replicas: tests/models/test_sync_batch_norm.py.
+    layer, _ = _batch_norm_pair()
+    if kwargs:
+        layer = BatchNorm(momentum=0.9, epsilon=1e-5, **kwargs)
+        layer.build((None, None, None, 8))
+        layer.set_weights(_batch_norm_pair()[0].get_weights())
+    start = [w.copy() for w in layer.get_weights()[2:]]
+    rng = np.random.default_rng(9)
+    # 2 x 3 x 4 = 24 values per channel: n / (n - 1) is 4% off the biased variance.
+    batches = [rng.normal(2, 3, (2, 3, 4, 8)).astype(np.float32) for _ in range(3)]
+    for x in batches:
+        layer(tf.constant(x), training=True)
+    want_mean, want_var = pytorch_running_statistics(*start, batches)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), want_var, rtol=1e-5)
 
 
 def test_batch_norm_falls_back_to_keras_where_it_cannot_fuse():
@@ -194,3 +232,5 @@ def test_fused_batch_norm_reads_the_compute_dtype_under_mixed_precision(dtype, k
     # held to float32 rounding by the tests above.
     np.testing.assert_allclose(tf.cast(y, tf.float32).numpy(), want.numpy(), atol=0.05)
     np.testing.assert_allclose(layer.moving_mean.numpy(), reference.moving_mean.numpy(), rtol=1e-2, atol=1e-2)
+    _, want_var = pytorch_running_statistics(0.0, 1.0, [tf.cast(x, tf.float32).numpy()])
+    np.testing.assert_allclose(layer.moving_variance.numpy(), want_var, rtol=1e-2)

@@ -98,9 +98,39 @@ def _compare_with_global_batch(strategy, mean, std, packed=True):
         diffs[f"reference_{name}_vs_float64"] = _relative(r, e)
     flat = x.astype(np.float64).reshape(-1, CHANNELS)
     diffs["reference_moving_variance_vs_float64"] = _relative(
-        single.moving_variance.numpy(), 0.9 * weights[3] + 0.1 * flat.var(0)
+        single.moving_variance.numpy(), 0.9 * weights[3] + 0.1 * flat.var(0, ddof=1)
     )
     return diffs
+
+
+def _moving_statistics_after_steps(strategy, packed, steps=3):
+    """Relative differences of the 2-replica moving statistics after `steps` steps from PyTorch's SyncBatchNorm."""
+    import tensorflow as tf
+
+    from models.test_layers import pytorch_running_statistics
+
+    rng = np.random.default_rng(4)
+    start = [rng.normal(0, 1, CHANNELS).astype(np.float32), rng.uniform(0.5, 2, CHANNELS).astype(np.float32)]
+    with strategy.scope():
+        synced = _layer(True, [np.ones(CHANNELS, np.float32), np.zeros(CHANNELS, np.float32), *start], packed)
+    # 2 x 3 x 4 values per channel and replica: the global n - 1 (47), not a replica's (23), unbiases.
+    batches = [rng.normal(2, 3, (4, 3, 4, CHANNELS)).astype(np.float32) for _ in range(steps)]
+
+    @tf.function
+    def step(x):
+        def replica_fn():
+            r = tf.distribute.get_replica_context().replica_id_in_sync_group
+            synced(x[2 * r : 2 * r + 2], training=True)
+
+        strategy.run(replica_fn)
+
+    for x in batches:
+        step(tf.constant(x))
+    want = pytorch_running_statistics(*start, batches)
+    return {
+        name: _relative(getattr(synced, name).numpy(), w)
+        for name, w in zip(("moving_mean", "moving_variance"), want)
+    }
 
 
 def _float64_batch_norm(x, w, gamma, beta, epsilon):
@@ -199,6 +229,10 @@ def _child():
         "keras": {
             name: _compare_with_global_batch(strategy, *stats, packed=False) for name, stats in INPUTS.items()
         },
+        "steps_vs_pytorch": {
+            "packed": _moving_statistics_after_steps(strategy, packed=True),
+            "keras": _moving_statistics_after_steps(strategy, packed=False),
+        },
         "collectives_packed": _collectives_per_bn_layer(strategy),
         "collectives_keras": _collectives_per_bn_layer(strategy, packed=False),
         "xla_sync_bn": _xla_two_replicas(strategy, sync_bn=True),
@@ -233,6 +267,13 @@ def test_synchronized_batch_norm_equals_one_batch_norm_over_the_global_batch(res
     if inputs == "centered":
         for name in STEP:
             assert diffs[name] < 1e-5, (name, diffs)
+
+
+@pytest.mark.parametrize("implementation", ["packed", "keras"])
+def test_moving_statistics_are_pytorchs_sync_batch_norm_after_a_few_steps(results, implementation):
+    # The moving variance averages the unbiased variance of the global batch (PyTorch's SyncBatchNorm).
+    diffs = results["steps_vs_pytorch"][implementation]
+    assert max(diffs.values()) < 1e-5, diffs
 
 
 def test_the_offset_inputs_break_the_float32_sum_of_squares(results):

@@ -43,6 +43,7 @@ ALLOWED = {
     ("fcn_tf/data/sources.py", "_local_folder"): "the local folder behind a path or file:// URL",
     ("fcn_tf/data/tfds_builder.py", "list_splits"): "TFDS's manual_dir, local (prepare)",
     ("fcn_tf/data/synthetic.py", "write_dataset"): "writes raw synthetic files into a local folder",
+    ("fcn_tf/startup.py", "_no_gpu_here"): "looks for the NVIDIA driver's device node, not a user path",
     ("scripts/benchmark.py", "<module>"): "the repository's own folder on sys.path",
 }
 

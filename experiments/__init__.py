@@ -31,7 +31,7 @@ from fcn_tf.config import (
     read_workdir_config,
     validate,
 )
-from fcn_tf.data.classes import SPLIT_SIZES, num_classes
+from fcn_tf.data.classes import num_classes
 
 # OpenMMLab's ImageNet ResNet-v1c checkpoints, the reference's starting point.
 _PRETRAINED_URL = {
@@ -58,7 +58,9 @@ def _reference_recipe(
         come from `fcn_tf.data.classes`.
       description: one line for `list_experiments.py`.
       epochs: the reference's epochs; iterations are epochs x len(dataloader),
-        which drops the last incomplete batch.
+        which drops the last incomplete batch (derived when training starts,
+        `fcn_tf.training.recipe`; the split size is that of
+        `fcn_tf.data.classes.SPLIT_SIZES` for a complete dataset).
       global_batch: images per step over all replicas.
       crop_size: (h, w) training crop and sliding window.
       resize_target: (long, short) keep-ratio resize target of training (x
@@ -80,8 +82,14 @@ def _reference_recipe(
             eval_target=resize_target,
             global_batch_size=global_batch,
         ),
+        # The reference's LR is for its global batch: kept for any other batch
+        # unless optimizer.lr_scaling=linear (fcn_tf.training.recipe).
+        optimizer=OptimizerConfig(lr_reference_batch_size=global_batch),
+        # train_steps 0: epochs x (split size // global batch), derived when
+        # training starts from the prepared split and the batch that runs.
         trainer=TrainerConfig(
-            train_steps=epochs * (SPLIT_SIZES[dataset]["train"] // global_batch),
+            train_steps=0,
+            epochs=epochs,
             checkpoint_every=checkpoint_every,
             eval_every=eval_every,
         ),
@@ -227,7 +235,7 @@ def synthetic_r18_os8() -> ExperimentConfig:
             global_batch_size=8,
         ),
         # Chosen by a small lr x steps sweep to fit the demo's 10 minutes.
-        optimizer=OptimizerConfig(base_lr=0.02, weight_decay=1e-4),
+        optimizer=OptimizerConfig(base_lr=0.02, weight_decay=1e-4, lr_reference_batch_size=8),
         trainer=TrainerConfig(
             train_steps=450,
             log_every=25,

@@ -24,6 +24,7 @@ OUTPUT_STRIDES = (8, 16, 32)
 STEMS = ("deep", "standard")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 COLLECTIVES = ("auto", "nccl", "ring")
+LR_SCALINGS = ("none", "linear")
 EVAL_MODES = ("whole", "slide")
 KERNELS = ("auto", "tensorflow", "cpu_fast")
 
@@ -135,6 +136,15 @@ class OptimizerConfig:
 
     `lr = (base_lr - min_lr) * (1 - step / train_steps) ** power + min_lr`,
     after an optional linear warmup over `warmup_steps`.
+
+    Attributes:
+      lr_scaling: how the learning rates follow a global batch other than
+        `lr_reference_batch_size`: "none" (the reference's rates, whatever
+        the batch) or "linear" (base_lr and min_lr x global batch /
+        `lr_reference_batch_size`, applied when training starts and logged;
+        `fcn_tf.training.recipe`).
+      lr_reference_batch_size: the global batch `base_lr` and `min_lr` were
+        chosen for (the reference's: 16 for VOC and ADE20k, 8 for Cityscapes).
     """
 
     base_lr: float = 0.01
@@ -144,6 +154,8 @@ class OptimizerConfig:
     weight_decay: float = 5e-4
     warmup_steps: int = 0
     warmup_start_factor: float = 0.1
+    lr_scaling: str = "none"
+    lr_reference_batch_size: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +163,14 @@ class TrainerConfig:
     """The training loop.
 
     Attributes:
-      train_steps: optimizer steps (iterations) in the whole run.
+      train_steps: optimizer steps (iterations) in the whole run; 0: derived
+        from `epochs` when training starts, as the reference counts them:
+        `floor(epochs x (train examples // data.global_batch_size))`
+        (len(dataloader) with drop_last, times the epochs; rounded down for
+        a fractional number of epochs), the split size read from the
+        prepared dataset (`fcn_tf.data.sources.num_examples`). An explicit
+        value wins over `epochs`.
+      epochs: passes over the training split when `train_steps` is 0.
       aux_weight: weight of the auxiliary loss.
       precision: "float32", "mixed_bfloat16" or "mixed_float16".
       grad_accum_steps: micro-batches accumulated per optimizer step; the
@@ -180,6 +199,7 @@ class TrainerConfig:
     """
 
     train_steps: int = 1000
+    epochs: float = 0.0
     aux_weight: float = 0.4
     precision: str = "float32"
     grad_accum_steps: int = 1
@@ -270,11 +290,22 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         "optimizer lr: need 0 <= min_lr <= base_lr, base_lr > 0",
     )
     check(0 <= o.momentum < 1 and o.weight_decay >= 0, "optimizer momentum in [0,1), weight_decay >= 0")
+    check(o.lr_scaling in LR_SCALINGS, f"optimizer.lr_scaling={o.lr_scaling!r} not in {LR_SCALINGS}")
     check(
-        0 <= o.warmup_steps < max(t.train_steps, 1),
+        o.lr_reference_batch_size >= 1,
+        f"optimizer.lr_reference_batch_size={o.lr_reference_batch_size} must be >= 1",
+    )
+    # train_steps 0 is derived from the epochs when training starts (warmup checked then).
+    check(
+        0 <= o.warmup_steps < max(t.train_steps, 1) or t.train_steps == 0,
         f"optimizer.warmup_steps={o.warmup_steps} must be < train_steps",
     )
-    check(t.train_steps >= 1, f"trainer.train_steps={t.train_steps} must be >= 1")
+    check(
+        t.train_steps >= 1 or (t.train_steps == 0 and t.epochs > 0),
+        f"trainer.train_steps={t.train_steps} must be >= 1, or 0 with trainer.epochs > 0 "
+        f"(got trainer.epochs={t.epochs})",
+    )
+    check(t.epochs >= 0, f"trainer.epochs={t.epochs} must be >= 0")
     check(t.precision in PRECISIONS, f"trainer.precision={t.precision!r} not in {PRECISIONS}")
     check(t.grad_accum_steps >= 1, f"trainer.grad_accum_steps={t.grad_accum_steps} must be >= 1")
     check(

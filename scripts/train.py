@@ -70,7 +70,13 @@ def main(argv):
     except training.Preempted as e:
         logging.warning("%s", e)
         sys.exit(training.PREEMPTED_EXIT_CODE)
-    except (training.NonFiniteLossError, training.WorkdirLockedError, FileNotFoundError, RuntimeError) as e:
+    except (
+        training.NonFiniteLossError,
+        training.WorkdirLockedError,
+        FileNotFoundError,
+        RuntimeError,
+        ConfigError,  # e.g. a global batch the replicas do not divide: the overrides that start
+    ) as e:
         sys.exit(f"error: {e}")
     evaluation = result.get("eval")
     if evaluation:

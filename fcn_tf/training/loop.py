@@ -39,7 +39,7 @@ from fcn_tf.models import build_fcn
 from fcn_tf.models.convert import load_pretrained_backbone
 from fcn_tf.optimizers import build_optimizer
 from fcn_tf.schedules import poly_from_config
-from fcn_tf.training import resume
+from fcn_tf.training import recipe, resume
 from fcn_tf.training.settings import apply_training_settings
 from fcn_tf.training.step import TrainStep, make_train_iterator, make_train_step
 from fcn_tf.training.workdir import workdir_lock, write_config
@@ -155,7 +155,11 @@ def train(
     strategy = strategy or distribute.make_strategy("auto")
     apply_training_settings(config, strategy)  # TF32; XLA + SyncBN refused where unsupported
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    _check_batch_split(config, strategy.num_replicas_in_sync)
+    # The recipe on these replicas: train steps from the epochs, the LR rule;
+    # a batch they do not split is refused with the overrides that start.
+    given = config
+    config, derivation = recipe.for_replicas(config, strategy.num_replicas_in_sync)
+    logging.info("%s", derivation)
     os.makedirs(workdir, exist_ok=True)
     hooks = _Hooks(
         model_fn=model_fn or (lambda c: build_fcn(c.model)),
@@ -168,16 +172,7 @@ def train(
     # workdir (they write only their own input positions there).
     lock = workdir_lock(workdir) if distribute.is_chief(strategy) else contextlib.nullcontext()
     with lock:
-        return _train_locked(config, workdir, strategy, hooks, from_scratch)
-
-
-def _check_batch_split(config: ExperimentConfig, replicas: int) -> None:
-    accum = config.trainer.grad_accum_steps
-    if config.data.global_batch_size % (replicas * accum):
-        raise ValueError(
-            f"data.global_batch_size={config.data.global_batch_size} is not divisible by "
-            f"{replicas} replicas x trainer.grad_accum_steps={accum}"
-        )
+        return _train_locked(config, workdir, strategy, hooks, from_scratch, given)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +220,7 @@ class _RunState:
     window_steps: int = 0
 
 
-def _train_locked(config, workdir, strategy, hooks, from_scratch):
+def _train_locked(config, workdir, strategy, hooks, from_scratch, given):
     t = config.trainer
     chief = distribute.is_chief(strategy)
     if t.deterministic:
@@ -233,7 +228,8 @@ def _train_locked(config, workdir, strategy, hooks, from_scratch):
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(t.seed)
     if chief:
-        write_config(config, workdir)
+        # As given (train steps 0, LR unscaled): a resumed run derives the same numbers again.
+        write_config(given, workdir)
 
     previous_policy = keras.mixed_precision.global_policy()
     if t.precision != "float32":

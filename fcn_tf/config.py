@@ -109,6 +109,11 @@ class DataConfig:
       global_batch_size: training images per step over all replicas.
       seed: seed of the training order (a fresh permutation of the split
         every epoch, `fcn_tf.data.order`) and of the augmentation.
+      reads_in_flight: training records each input pipeline reads at once
+        (a deterministic parallel map of one-record reads: the order
+        and the iterator's checkpoint are those of one read at a time). On
+        NFS, Lustre or GCS a record takes milliseconds to arrive: 8 GPUs need
+        several reads in flight (BENCHMARKS.md "Input: reads in flight").
     """
 
     dataset: str = "voc_aug"
@@ -128,6 +133,7 @@ class DataConfig:
     eval_target: tuple[int, int] = (2048, 512)
     global_batch_size: int = 16
     seed: int = 0
+    reads_in_flight: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,6 +290,7 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
         "data.mean/std need 3 values, std > 0",
     )
+    check(d.reads_in_flight >= 1, f"data.reads_in_flight={d.reads_in_flight} must be >= 1")
     check(d.global_batch_size >= 1, f"data.global_batch_size={d.global_batch_size} must be >= 1")
     check(
         o.base_lr > 0 and 0 <= o.min_lr <= o.base_lr,

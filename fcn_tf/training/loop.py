@@ -35,11 +35,13 @@ from absl import logging
 from fcn_tf import distribute, eval_lib, summaries
 from fcn_tf.config import ExperimentConfig, validate
 from fcn_tf.data import build_dataset
+from fcn_tf.devices import onednn_enabled
 from fcn_tf.models import build_fcn
 from fcn_tf.models.convert import load_pretrained_backbone
+from fcn_tf.models.layers import resolve_kernels
 from fcn_tf.optimizers import build_optimizer
 from fcn_tf.schedules import poly_from_config
-from fcn_tf.training import recipe, resume
+from fcn_tf.training import agreement, recipe, resume
 from fcn_tf.training.settings import apply_training_settings
 from fcn_tf.training.step import TrainStep, make_train_iterator, make_train_step
 from fcn_tf.training.workdir import workdir_lock, write_config
@@ -247,15 +249,26 @@ def _train_locked(config, workdir, strategy, hooks, from_scratch, given):
             # Create the slot variables now, not inside the traced step (see build_optimizer).
             optimizer.build(model.trainable_variables)
         iterator = make_train_iterator(strategy, hooks.dataset_fn)
+        pretrained = "" if from_scratch else config.model.pretrained_backbone
+        # Every worker agrees on what it runs and restores the step the chief chose.
         ckpts = resume.make_checkpoints(
-            strategy, (model, optimizer, iterator), workdir, scratch, t.keep_checkpoints
+            strategy,
+            (model, optimizer, iterator),
+            workdir,
+            scratch,
+            t.keep_checkpoints,
+            facts=_start_facts(config, strategy, pretrained),
         )
-        resumed = resume.restore(ckpts)
-        if resumed is not None:
-            logging.info("Resumed from %s (step %d)", resumed, int(ckpts.step.numpy()))
-        elif config.model.pretrained_backbone and not from_scratch:
-            path = load_pretrained(model, config)
-            logging.info("Loaded pretrained backbone %s", path)
+        try:
+            resumed = resume.restore(ckpts)
+            if resumed is not None:
+                logging.info("Resumed from %s (step %d)", resumed, int(ckpts.step.numpy()))
+            elif pretrained:
+                logging.info("Loaded pretrained backbone %s", load_pretrained(model, config))
+        except Exception:
+            agreement.agree_on_weights(strategy, (), failed=True)
+            raise
+        agreement.agree_on_weights(strategy, [*model.weights, *optimizer.variables])
         job = _Job(
             config=config,
             workdir=workdir,
@@ -276,6 +289,22 @@ def _train_locked(config, workdir, strategy, hooks, from_scratch, given):
         with contextlib.suppress(ValueError):  # not in the main thread
             signal.signal(signal.SIGTERM, previous_sigterm)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _start_facts(config, strategy, pretrained: str) -> list:
+    """This worker's `agreement.start_facts`: its replicas, their device kind, the kernels, the pretrained file.
+
+    None on one worker: there is no one to disagree with.
+    """
+    if distribute.num_workers(strategy) == 1:
+        return []
+    devices = strategy.extended.worker_devices
+    kind = tf.DeviceSpec.from_string(devices[0]).device_type or "CPU"
+    kernels = resolve_kernels(config.model.kernels)
+    if kernels == "cpu_fast":
+        kernels += f", oneDNN {'on' if onednn_enabled() else 'off'}"
+    checksum = agreement.file_checksum(pretrained)
+    return agreement.start_facts(config, len(devices), kind, kernels, checksum)
 
 
 # --------------------------------------------------------------------------- checkpoint and preemption

@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from fcn_tf import checkpoints, distribute
 from fcn_tf.config import WORKDIR_CONFIG
-from fcn_tf.training import recovery
+from fcn_tf.training import agreement, recovery
 
 INPUT_SUBDIR = "input"
 
@@ -71,8 +71,12 @@ def _seed_states(model: keras.Model) -> list:
     return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
 
-def make_checkpoints(strategy, objects, workdir: str, scratch: str, keep: int) -> StepCheckpoints:
+def make_checkpoints(strategy, objects, workdir: str, scratch: str, keep: int, facts=()) -> StepCheckpoints:
     """The run's checkpoints and its resume point; clears what killed saves left behind.
+
+    Only the chief chooses the resume point (verifying that checkpoint in
+    full); every worker takes the chief's step in the start agreement
+    (`fcn_tf.training.agreement.agree_at_start`), which also compares `facts`.
 
     Args:
       strategy: the training strategy.
@@ -80,9 +84,10 @@ def make_checkpoints(strategy, objects, workdir: str, scratch: str, keep: int) -
       workdir: the training workdir (absolute).
       scratch: this worker's temporary folder (the non-chief model checkpoints).
       keep: `trainer.keep_checkpoints`.
+      facts: this worker's `agreement.start_facts`.
 
     Raises:
-      as `resume_point`.
+      as `resume_point`; agreement.WorkersDisagreeError.
     """
     model, optimizer, iterator = objects
     with strategy.scope():
@@ -114,7 +119,7 @@ def make_checkpoints(strategy, objects, workdir: str, scratch: str, keep: int) -
     checkpoints.remove_partial_saves(own_inputs)
     # Before the managers: they read the state file, which resume repairs.
     legacy = legacy_layout(workdir)
-    resume_from = resume_point(workdir, workers, chief, legacy)
+    resume_from = _agreed_resume_point(strategy, workdir, chief, legacy, list(facts))
     model_manager = _model_manager(model_checkpoint, workdir, scratch, chief, keep)
     return StepCheckpoints(
         model=model_manager,
@@ -133,6 +138,22 @@ def make_checkpoints(strategy, objects, workdir: str, scratch: str, keep: int) -
         resume_from=resume_from,
         legacy=legacy,
     )
+
+
+def _agreed_resume_point(strategy, workdir: str, chief: bool, legacy: bool, facts) -> str | None:
+    """The chief's `resume_point`, taken by every worker in the start agreement."""
+    workers = distribute.num_workers(strategy)
+    step = None
+    if chief:
+        try:
+            prefix = resume_point(workdir, workers, chief, legacy)
+        except Exception:
+            # The others must not wait for the chief at the all-gather: tell them, then fail here.
+            agreement.agree_at_start(strategy, facts, None, failed=True)
+            raise
+        step = None if prefix is None else checkpoints.step_of(prefix)
+    step = agreement.agree_at_start(strategy, facts, step)
+    return None if step is None else checkpoints.prefix_of(checkpoints.checkpoint_dir(workdir), step)
 
 
 def _model_manager(model_checkpoint, workdir: str, scratch: str, chief: bool, keep: int):

@@ -152,15 +152,15 @@ def train(
         files were removed).
       RuntimeError: the workdir cannot be resumed on this number of workers
         (input positions saved by another count, or by none).
+      fcn_tf.config.ConfigError: the batch does not split over the replicas (`recipe.for_replicas`).
+      fcn_tf.training.agreement.WorkersDisagreeError: the workers do not run the same thing.
     """
     config = validate(config)
     strategy = strategy or distribute.make_strategy("auto")
     apply_training_settings(config, strategy)  # TF32; XLA + SyncBN refused where unsupported
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    # The recipe on these replicas: train steps from the epochs, the LR rule;
-    # a batch they do not split is refused with the overrides that start.
-    given = config
-    config, derivation = recipe.for_replicas(config, strategy.num_replicas_in_sync)
+    # The recipe on these replicas (train steps from the epochs, the LR rule), logged.
+    given, (config, derivation) = config, recipe.for_replicas(config, strategy.num_replicas_in_sync)
     logging.info("%s", derivation)
     os.makedirs(workdir, exist_ok=True)
     hooks = _Hooks(

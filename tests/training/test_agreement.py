@@ -84,3 +84,30 @@ def test_a_missing_pretrained_file_on_worker_1_stops_both(tmp_path):
     assert (
         f"(worker 1: pretrained weights missing: {homes[1]}/weights/backbone.weights.h5)" in results[1].output
     )
+
+
+@pytest.mark.slow
+def test_a_newer_checkpoint_seen_by_worker_1_only_does_not_split_the_resume_step(tmp_path):
+    # Each worker gets its own view of the workdir, as NFS attribute caching can give:
+    # worker 1's has a newer complete checkpoint (step 6) that the chief's lacks.
+    import shutil
+
+    from fcn_tf import checkpoints
+    from fcn_tf.training import recovery
+
+    data_dir = runs.make_synthetic_tfds(tmp_path, num_train=4, num_val=2)
+    first = str(tmp_path / "first")
+    with Cluster(tmp_path / "c1", workers=2) as cluster:
+        cluster.start(runs.train_command(first, data_dir, "trainer.train_steps=6"))
+        assert [r.returncode for r in cluster.wait(timeout=900)] == [0, 0]
+    views = [str(tmp_path / "chief_view"), str(tmp_path / "worker1_view")]
+    for view in views:
+        shutil.copytree(first, view)
+    recovery.discard(checkpoints.prefix_of(checkpoints.checkpoint_dir(views[0]), 6))
+    with Cluster(tmp_path / "c2", workers=2) as cluster:
+        cluster.start(lambda k: runs.train_command(views[k], data_dir, "trainer.train_steps=8"))
+        results = cluster.wait(timeout=900)
+    for r in results:
+        assert r.returncode == 0, r.output[-3000:]
+        assert "(from step 4)" in r.output, r.output[-3000:]
+        assert "Resumed from" in r.output and "(step 4)" in r.output

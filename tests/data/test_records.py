@@ -186,3 +186,14 @@ def test_training_keeps_several_reads_in_flight_in_the_training_order(reads):
         assert counter.most == 1
     else:
         assert counter.most > 1, "one read at a time"
+
+
+def test_reads_benchmark_times_the_training_reads_with_the_added_latency(prepared):
+    from benchmarks import reads
+
+    config, _ = prepared
+    split = sources.random_access_split(config, "train")
+    quick = reads.measure(config, split, reads=1, latency_ms=0, count=8, repeats=1)
+    # 8 reads one at a time with 50 ms each take at least 0.4 s: at most 20 records/s.
+    slow = reads.measure(config, split, reads=1, latency_ms=50, count=8, repeats=1)
+    assert slow <= 20 < quick

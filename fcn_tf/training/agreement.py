@@ -114,8 +114,9 @@ def _all_gather(strategy, row: np.ndarray, which: str) -> np.ndarray:
     """(workers, len(row)) int64: every worker's row, in worker order (a collective on each worker's CPU)."""
     workers = distribute.num_workers(strategy)
     device = strategy.extended.worker_devices[0].rsplit("/device:", 1)[0] + "/device:CPU:0"
+    # Each row carries its worker index: the gather orders its members by device name.
+    row = np.concatenate([[distribute.worker_index(strategy)], row]).astype(np.int64)
     with tf.device(device):
-        # Shape (1, n) per worker: the gather concatenates along axis 0 in task order.
         gathered = tf.raw_ops.CollectiveGatherV2(
             input=tf.constant(row[np.newaxis], tf.int64),
             group_size=tf.constant(workers),
@@ -125,7 +126,8 @@ def _all_gather(strategy, row: np.ndarray, which: str) -> np.ndarray:
             communication_hint="ring",
             timeout_seconds=TIMEOUT_SECONDS,
         )
-    return gathered.numpy()
+    rows = gathered.numpy()
+    return rows[np.argsort(rows[:, 0], kind="stable"), 1:]
 
 
 def compare(facts: list[Fact], rows: np.ndarray, me: int) -> str | None:

@@ -208,8 +208,9 @@ def resume_point(workdir: str, num_workers: int, chief: bool, legacy: bool) -> s
     an unreadable one is set aside with a warning) and, but for a workdir of
     the legacy layout, which has the input position of every worker that
     saved it (a run killed between those saves leaves a newer, incomplete
-    step behind, which is passed over). Every worker computes the same
-    answer from the shared workdir; only the chief moves files.
+    step behind, which is passed over). In training only the chief computes
+    it (verifying that checkpoint in full) and every worker restores the
+    chief's step (`fcn_tf.training.agreement`); only the chief moves files.
 
     Args:
       workdir: the training workdir.

@@ -44,6 +44,9 @@ _INSTANCE_KEYS = {"start": 7_340_101, "weights": 7_340_102}
 # died before it is then named by the timeout instead of a hang).
 TIMEOUT_SECONDS = 900.0
 
+# Columns of the start all-gather: the facts' hashes, zeros, the step last.
+ROW_WIDTH = 512
+
 # Values of the step column.
 FRESH = -1  # no checkpoint: start from step 0
 FAILED = -2  # this worker failed before the all-gather (its log says why)
@@ -136,7 +139,7 @@ def compare(facts: list[Fact], rows: np.ndarray, me: int) -> str | None:
     Args:
       facts: this worker's facts (names and values; rows hold their hashes
         followed by the step column).
-      rows: (workers, len(facts) + 1) from the all-gather.
+      rows: (workers, ROW_WIDTH) from the all-gather: the facts' hashes first.
       me: this worker's index (its own value is shown when it is the one named).
     """
     for worker in range(1, len(rows)):
@@ -168,7 +171,12 @@ def agree_at_start(strategy, facts: list[Fact], chief_step: int | None, failed: 
     if distribute.num_workers(strategy) == 1:
         return chief_step
     step = FAILED if failed else (FRESH if chief_step is None else chief_step)
-    row = np.array([_hash(f.value) for f in facts] + [step], np.int64)
+    # A fixed width: another fcn_tf version may have other config keys, and the
+    # gather needs every row the same size (the version column then differs first).
+    hashes = [_hash(f.value) for f in facts]
+    if len(hashes) >= ROW_WIDTH:
+        raise ValueError(f"{len(hashes)} facts do not fit the agreement's {ROW_WIDTH} columns")
+    row = np.array(hashes + [0] * (ROW_WIDTH - 1 - len(hashes)) + [step], np.int64)
     rows = _all_gather(strategy, row, "start")
     if failed:
         return None  # the caller raises its own error

@@ -241,6 +241,12 @@ def _train_locked(config, workdir, strategy, hooks, from_scratch, given):
     scratch = tempfile.mkdtemp(prefix=f"fcn_tf_worker{distribute.worker_index(strategy)}_")
     previous_sigterm = signal.getsignal(signal.SIGTERM)
     try:
+        pretrained = "" if from_scratch else config.model.pretrained_backbone
+        # Before the model's collectives: every worker agrees on what it runs and
+        # takes the step the chief chose.
+        resume_from = resume.agreed_resume_point(
+            strategy, workdir, _start_facts(config, strategy, pretrained)
+        )
         with strategy.scope():
             model = hooks.model_fn(config)
             optimizer = build_optimizer(
@@ -249,15 +255,8 @@ def _train_locked(config, workdir, strategy, hooks, from_scratch, given):
             # Create the slot variables now, not inside the traced step (see build_optimizer).
             optimizer.build(model.trainable_variables)
         iterator = make_train_iterator(strategy, hooks.dataset_fn)
-        pretrained = "" if from_scratch else config.model.pretrained_backbone
-        # Every worker agrees on what it runs and restores the step the chief chose.
         ckpts = resume.make_checkpoints(
-            strategy,
-            (model, optimizer, iterator),
-            workdir,
-            scratch,
-            t.keep_checkpoints,
-            facts=_start_facts(config, strategy, pretrained),
+            strategy, (model, optimizer, iterator), workdir, scratch, t.keep_checkpoints, resume_from
         )
         try:
             resumed = resume.restore(ckpts)

@@ -71,12 +71,46 @@ def _seed_states(model: keras.Model) -> list:
     return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
 
-def make_checkpoints(strategy, objects, workdir: str, scratch: str, keep: int, facts=()) -> StepCheckpoints:
-    """The run's checkpoints and its resume point; clears what killed saves left behind.
+def agreed_resume_point(strategy, workdir: str, facts=()) -> str | None:
+    """The resume point every worker restores, chosen by the chief; clears what killed saves left behind.
 
-    Only the chief chooses the resume point (verifying that checkpoint in
-    full); every worker takes the chief's step in the start agreement
-    (`fcn_tf.training.agreement.agree_at_start`), which also compares `facts`.
+    Call it before the model is built: the start agreement
+    (`fcn_tf.training.agreement.agree_at_start`) compares `facts` before any
+    collective of the model (variable broadcasts) can hang on workers that
+    differ. Only the chief lists and verifies the checkpoints (`resume_point`,
+    which also repairs the state file, before any CheckpointManager reads it).
+
+    Args:
+      strategy: the training strategy.
+      workdir: the training workdir (absolute).
+      facts: this worker's `agreement.start_facts`.
+
+    Raises:
+      as `resume_point` (on the chief); agreement.WorkersDisagreeError.
+    """
+    chief = distribute.is_chief(strategy)
+    # Killed saves leave ckpt-STEP_temp/ folders; each worker clears its own
+    # folders (the workdir lock excludes a concurrent run).
+    if chief:
+        checkpoints.remove_partial_saves(checkpoints.checkpoint_dir(workdir))
+    checkpoints.remove_partial_saves(input_dir(workdir, distribute.worker_index(strategy)))
+    step = None
+    if chief:
+        try:
+            prefix = resume_point(workdir, distribute.num_workers(strategy), chief, legacy_layout(workdir))
+        except Exception:
+            # The others must not wait for the chief at the all-gather: tell them, then fail here.
+            agreement.agree_at_start(strategy, list(facts), None, failed=True)
+            raise
+        step = None if prefix is None else checkpoints.step_of(prefix)
+    step = agreement.agree_at_start(strategy, list(facts), step)
+    return None if step is None else checkpoints.prefix_of(checkpoints.checkpoint_dir(workdir), step)
+
+
+def make_checkpoints(
+    strategy, objects, workdir: str, scratch: str, keep: int, resume_from: str | None
+) -> StepCheckpoints:
+    """The run's checkpoints, to resume from `resume_from`.
 
     Args:
       strategy: the training strategy.
@@ -84,10 +118,7 @@ def make_checkpoints(strategy, objects, workdir: str, scratch: str, keep: int, f
       workdir: the training workdir (absolute).
       scratch: this worker's temporary folder (the non-chief model checkpoints).
       keep: `trainer.keep_checkpoints`.
-      facts: this worker's `agreement.start_facts`.
-
-    Raises:
-      as `resume_point`; agreement.WorkersDisagreeError.
+      resume_from: `agreed_resume_point(...)`, made before the model was built.
     """
     model, optimizer, iterator = objects
     with strategy.scope():
@@ -112,14 +143,7 @@ def make_checkpoints(strategy, objects, workdir: str, scratch: str, keep: int, f
     )
     chief = distribute.is_chief(strategy)
     own_inputs = input_dir(workdir, distribute.worker_index(strategy))
-    # Killed saves leave ckpt-STEP_temp/ folders; each worker clears its own
-    # folders (the workdir lock excludes a concurrent run).
-    if chief:
-        checkpoints.remove_partial_saves(checkpoints.checkpoint_dir(workdir))
-    checkpoints.remove_partial_saves(own_inputs)
-    # Before the managers: they read the state file, which resume repairs.
     legacy = legacy_layout(workdir)
-    resume_from = _agreed_resume_point(strategy, workdir, chief, legacy, list(facts))
     model_manager = _model_manager(model_checkpoint, workdir, scratch, chief, keep)
     return StepCheckpoints(
         model=model_manager,
@@ -138,22 +162,6 @@ def make_checkpoints(strategy, objects, workdir: str, scratch: str, keep: int, f
         resume_from=resume_from,
         legacy=legacy,
     )
-
-
-def _agreed_resume_point(strategy, workdir: str, chief: bool, legacy: bool, facts) -> str | None:
-    """The chief's `resume_point`, taken by every worker in the start agreement."""
-    workers = distribute.num_workers(strategy)
-    step = None
-    if chief:
-        try:
-            prefix = resume_point(workdir, workers, chief, legacy)
-        except Exception:
-            # The others must not wait for the chief at the all-gather: tell them, then fail here.
-            agreement.agree_at_start(strategy, facts, None, failed=True)
-            raise
-        step = None if prefix is None else checkpoints.step_of(prefix)
-    step = agreement.agree_at_start(strategy, facts, step)
-    return None if step is None else checkpoints.prefix_of(checkpoints.checkpoint_dir(workdir), step)
 
 
 def _model_manager(model_checkpoint, workdir: str, scratch: str, chief: bool, keep: int):

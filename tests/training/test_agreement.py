@@ -40,23 +40,25 @@ def _train(tmp_path, workdir, data_dir, *overrides, home=None):
 
 
 @pytest.mark.slow
-def test_a_different_config_on_worker_1_stops_both_naming_worker_1_and_the_key(tmp_path):
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("optimizer.base_lr", "0.03"),  # the reproduction: both trained to the end before
+        ("model.head_channels", "16"),  # other variable shapes: compared before any variable is made
+    ],
+)
+def test_a_different_config_on_worker_1_stops_both_naming_worker_1_and_the_key(tmp_path, key, value):
     data_dir = runs.make_synthetic_tfds(tmp_path, num_train=4, num_val=2)
     workdir = str(tmp_path / "run")
     with Cluster(tmp_path / "cluster", workers=2) as cluster:
-        cluster.start(
-            lambda k: _train(tmp_path, workdir, data_dir, *(["optimizer.base_lr=0.03"] if k == 1 else []))
-        )
+        cluster.start(lambda k: _train(tmp_path, workdir, data_dir, *([f"{key}={value}"] if k == 1 else [])))
         results = cluster.wait(timeout=600)
     for r in results:
         assert r.returncode == 1, r.output[-3000:]
         (line,) = r.lines(r"^error: ")
-        assert (
-            "workers disagree before the first step: worker 1 differs from worker 0 in optimizer.base_lr"
-            in line
-        )
+        assert f"workers disagree before the first step: worker 1 differs from worker 0 in {key}" in line
         assert "Traceback" not in r.output
-    assert "(worker 1: optimizer.base_lr 0.03)" in results[1].output
+    assert f"(worker 1: {key} {value})" in results[1].output
 
 
 @pytest.mark.slow

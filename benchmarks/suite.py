@@ -24,7 +24,7 @@ from benchmarks import export as export_bench
 from benchmarks import torch_side
 from benchmarks.harness import Measurement, child_env, load_average, run_child, run_isolated
 
-KINDS = ("train", "infer", "input", "export")
+KINDS = ("train", "infer", "input", "export", "reads")
 # What "all" means: "export" times files written beforehand, so it is asked for by name.
 ALL = ("train", "infer", "input")
 DEVICES = ("auto", "cpu", "gpu")
@@ -104,7 +104,7 @@ class Options:
             raise ValueError(f"--what={','.join(self.what)}: choose from {', '.join(KINDS)} or all")
         if self.device not in DEVICES:
             raise ValueError(f"--device={self.device}: choose from {', '.join(DEVICES)}")
-        if not self.experiment and set(self.what) - {"input", "export"}:
+        if not self.experiment and set(self.what) - {"input", "export", "reads"}:
             raise ValueError("--experiment is required (except for --what=input,export)")
         if "export" in self.what and not self.exports:
             raise ValueError("--what=export needs --exports")
@@ -578,7 +578,7 @@ def run(o: Options, log=print) -> dict[str, list[dict]]:
     config = experiments.get(o.experiment) if o.experiment else None
     log(f"{platform.node()} {platform.processor() or platform.machine()}, python {platform.python_version()}")
     out: dict[str, list[dict]] = {}
-    kinds = [k for k in o.what if k not in ("input", "export")]
+    kinds = [k for k in o.what if k not in ("input", "export", "reads")]
     if kinds:
         size = o.size or tuple(config.data.crop_size)
         gpus = 0 if o.device == "cpu" else visible_gpus()
@@ -596,6 +596,10 @@ def run(o: Options, log=print) -> dict[str, list[dict]]:
         out["input"] = input_bench.main(
             config, input_dataset=o.input_dataset or None, images=o.images or None, repeats=o.repeats
         )
+    if "reads" in o.what:
+        from benchmarks import reads
+
+        out["reads"] = reads.main(log=log)
     if "export" in o.what:
         out["export"] = export_bench.main(
             o.exports, o.checkpoint, o.repeats, o.warmup, o.threads, o.evaluate, log=log

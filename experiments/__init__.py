@@ -36,7 +36,7 @@ from fcn_tf.config import (
     read_workdir_config,
     validate,
 )
-from fcn_tf.data.classes import SPLIT_SIZES, num_classes
+from fcn_tf.data.classes import num_classes
 from fcn_tf.data.folder_info import with_dataset_classes
 
 # OpenMMLab's ImageNet ResNet-v1c checkpoints, the reference's starting point.
@@ -64,7 +64,9 @@ def _reference_recipe(
         come from `fcn_tf.data.classes`.
       description: one line for `list_experiments.py`.
       epochs: the reference's epochs; iterations are epochs x len(dataloader),
-        which drops the last incomplete batch.
+        which drops the last incomplete batch (derived when training starts,
+        `fcn_tf.training.recipe`; the split size is that of
+        `fcn_tf.data.classes.SPLIT_SIZES` for a complete dataset).
       global_batch: images per step over all replicas.
       crop_size: (h, w) training crop and sliding window.
       resize_target: (long, short) keep-ratio resize target of training (x
@@ -86,8 +88,14 @@ def _reference_recipe(
             eval_target=resize_target,
             global_batch_size=global_batch,
         ),
+        # The reference's LR is for its global batch: kept for any other batch
+        # unless optimizer.lr_scaling=linear (fcn_tf.training.recipe).
+        optimizer=OptimizerConfig(lr_reference_batch_size=global_batch),
+        # train_steps 0: epochs x (split size // global batch), derived when
+        # training starts from the prepared split and the batch that runs.
         trainer=TrainerConfig(
-            train_steps=epochs * (SPLIT_SIZES[dataset]["train"] // global_batch),
+            train_steps=0,
+            epochs=epochs,
             checkpoint_every=checkpoint_every,
             eval_every=eval_every,
         ),
@@ -146,7 +154,9 @@ def folder() -> ExperimentConfig:
     512x512 crops, keep-ratio resize (2048, 512) x [0.5, 2], photometric
     distortion, SGD 0.01, poly, aux 0.4, batch 16. The class count, names and
     palette come from the prepared dataset (`resolve`); the evaluation split
-    is the "val" folder.
+    is the "val" folder. Training runs 60 epochs of the prepared train split
+    (VOC's count; train steps = 60 x (split size // 16), derived at start;
+    `--override=trainer.epochs=N` for another).
     """
     return ExperimentConfig(
         name="folder",
@@ -160,7 +170,7 @@ def folder() -> ExperimentConfig:
             eval_target=(2048, 512),
             global_batch_size=16,
         ),
-        trainer=TrainerConfig(train_steps=20000, checkpoint_every=2000, eval_every=0),
+        trainer=TrainerConfig(train_steps=0, epochs=60, checkpoint_every=2000, eval_every=0),
         eval=EvalConfig(crop_size=(512, 512), stride=(341, 341)),
     )
 
@@ -278,7 +288,7 @@ def synthetic_r18_os8() -> ExperimentConfig:
         # virtual environment (BENCHMARKS.md, "The demo"): 350 steps at lr 0.03
         # reached mIoU 0.740, 300 at 0.04 0.732, 450 at 0.02 0.755; output
         # stride 16 is 4x faster per step but stopped near 0.68 (900 steps).
-        optimizer=OptimizerConfig(base_lr=0.03, weight_decay=1e-4),
+        optimizer=OptimizerConfig(base_lr=0.03, weight_decay=1e-4, lr_reference_batch_size=8),
         trainer=TrainerConfig(
             train_steps=350,
             log_every=25,

@@ -24,6 +24,7 @@ OUTPUT_STRIDES = (8, 16, 32)
 STEMS = ("deep", "standard")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 COLLECTIVES = ("auto", "nccl", "ring")
+LR_SCALINGS = ("none", "linear")
 EVAL_MODES = ("whole", "slide")
 KERNELS = ("auto", "tensorflow", "cpu_fast")
 
@@ -114,6 +115,11 @@ class DataConfig:
       global_batch_size: training images per step over all replicas.
       seed: seed of the training order (a fresh permutation of the split
         every epoch, `fcn_tf.data.order`) and of the augmentation.
+      reads_in_flight: training records each input pipeline reads at once
+        (a deterministic parallel map of one-record reads: the order
+        and the iterator's checkpoint are those of one read at a time). On
+        NFS, Lustre or GCS a record takes milliseconds to arrive: 8 GPUs need
+        several reads in flight (BENCHMARKS.md "Input: reads in flight").
     """
 
     dataset: str = "voc_aug"
@@ -136,6 +142,7 @@ class DataConfig:
     eval_target: tuple[int, int] = (2048, 512)
     global_batch_size: int = 16
     seed: int = 0
+    reads_in_flight: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +151,15 @@ class OptimizerConfig:
 
     `lr = (base_lr - min_lr) * (1 - step / train_steps) ** power + min_lr`,
     after an optional linear warmup over `warmup_steps`.
+
+    Attributes:
+      lr_scaling: how the learning rates follow a global batch other than
+        `lr_reference_batch_size`: "none" (the reference's rates, whatever
+        the batch) or "linear" (base_lr and min_lr x global batch /
+        `lr_reference_batch_size`, applied when training starts and logged;
+        `fcn_tf.training.recipe`).
+      lr_reference_batch_size: the global batch `base_lr` and `min_lr` were
+        chosen for (the reference's: 16 for VOC and ADE20k, 8 for Cityscapes).
     """
 
     base_lr: float = 0.01
@@ -153,6 +169,8 @@ class OptimizerConfig:
     weight_decay: float = 5e-4
     warmup_steps: int = 0
     warmup_start_factor: float = 0.1
+    lr_scaling: str = "none"
+    lr_reference_batch_size: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +178,14 @@ class TrainerConfig:
     """The training loop.
 
     Attributes:
-      train_steps: optimizer steps (iterations) in the whole run.
+      train_steps: optimizer steps (iterations) in the whole run; 0: derived
+        from `epochs` when training starts, as the reference counts them:
+        `floor(epochs x (train examples // data.global_batch_size))`
+        (len(dataloader) with drop_last, times the epochs; rounded down for
+        a fractional number of epochs), the split size read from the
+        prepared dataset (`fcn_tf.data.sources.num_examples`). An explicit
+        value wins over `epochs`.
+      epochs: passes over the training split when `train_steps` is 0.
       aux_weight: weight of the auxiliary loss.
       precision: "float32", "mixed_bfloat16" or "mixed_float16".
       grad_accum_steps: micro-batches accumulated per optimizer step; the
@@ -194,6 +219,7 @@ class TrainerConfig:
     """
 
     train_steps: int = 1000
+    epochs: float = 0.0
     aux_weight: float = 0.4
     precision: str = "float32"
     grad_accum_steps: int = 1
@@ -246,15 +272,8 @@ class ExperimentConfig:
     eval: EvalConfig = EvalConfig()
 
 
-def validate(config: ExperimentConfig) -> ExperimentConfig:
-    """Checks cross-field consistency; returns the config or raises ConfigError."""
-    m, d, o, t, e = config.model, config.data, config.optimizer, config.trainer, config.eval
-    problems = []
-
-    def check(ok, message):
-        if not ok:
-            problems.append(message)
-
+def _check_model(check, m: ModelConfig) -> None:
+    """model.* checks (`validate`)."""
     check(m.backbone_depth in DEPTHS, f"model.backbone_depth={m.backbone_depth} not in {DEPTHS}")
     check(m.output_stride in OUTPUT_STRIDES, f"model.output_stride={m.output_stride} not in {OUTPUT_STRIDES}")
     check(m.stem in STEMS, f"model.stem={m.stem!r} not in {STEMS}")
@@ -263,6 +282,10 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     check(m.head_num_convs >= 0, f"model.head_num_convs={m.head_num_convs} must be >= 0")
     check(m.head_channels > 0 and m.aux_channels > 0, "model head/aux channels must be positive")
     check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+
+
+def _check_data(check, d: DataConfig, m: ModelConfig) -> None:
+    """data.* checks (`validate`)."""
     check(d.dataset in DATASETS, f"data.dataset={d.dataset!r} not in {DATASETS}")
     check(
         not d.class_names or len(d.class_names) == m.num_classes,
@@ -287,17 +310,33 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
         "data.mean/std need 3 values, std > 0",
     )
+    check(d.reads_in_flight >= 1, f"data.reads_in_flight={d.reads_in_flight} must be >= 1")
     check(d.global_batch_size >= 1, f"data.global_batch_size={d.global_batch_size} must be >= 1")
+
+
+def _check_training(check, o: OptimizerConfig, t: TrainerConfig, d: DataConfig) -> None:
+    """optimizer.* and trainer.* checks (`validate`)."""
     check(
         o.base_lr > 0 and 0 <= o.min_lr <= o.base_lr,
         "optimizer lr: need 0 <= min_lr <= base_lr, base_lr > 0",
     )
     check(0 <= o.momentum < 1 and o.weight_decay >= 0, "optimizer momentum in [0,1), weight_decay >= 0")
+    check(o.lr_scaling in LR_SCALINGS, f"optimizer.lr_scaling={o.lr_scaling!r} not in {LR_SCALINGS}")
     check(
-        0 <= o.warmup_steps < max(t.train_steps, 1),
+        o.lr_reference_batch_size >= 1,
+        f"optimizer.lr_reference_batch_size={o.lr_reference_batch_size} must be >= 1",
+    )
+    # train_steps 0 is derived from the epochs when training starts (warmup checked then).
+    check(
+        0 <= o.warmup_steps < max(t.train_steps, 1) or t.train_steps == 0,
         f"optimizer.warmup_steps={o.warmup_steps} must be < train_steps",
     )
-    check(t.train_steps >= 1, f"trainer.train_steps={t.train_steps} must be >= 1")
+    check(
+        t.train_steps >= 1 or (t.train_steps == 0 and t.epochs > 0),
+        f"trainer.train_steps={t.train_steps} must be >= 1, or 0 with trainer.epochs > 0 "
+        f"(got trainer.epochs={t.epochs})",
+    )
+    check(t.epochs >= 0, f"trainer.epochs={t.epochs} must be >= 0")
     check(t.precision in PRECISIONS, f"trainer.precision={t.precision!r} not in {PRECISIONS}")
     check(t.grad_accum_steps >= 1, f"trainer.grad_accum_steps={t.grad_accum_steps} must be >= 1")
     check(
@@ -316,6 +355,10 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     check(t.collective in COLLECTIVES, f"trainer.collective={t.collective!r} not in {COLLECTIVES}")
     check(isinstance(t.tf32, bool), f"trainer.tf32={t.tf32!r} must be true or false")
     check(t.inter_op_threads >= -1, f"trainer.inter_op_threads={t.inter_op_threads} must be >= -1 (-1: auto)")
+
+
+def _check_eval(check, e: EvalConfig) -> None:
+    """eval.* checks (`validate`)."""
     check(e.mode in EVAL_MODES, f"eval.mode={e.mode!r} not in {EVAL_MODES}")
     check(len(e.scales) >= 1 and all(s > 0 for s in e.scales), f"eval.scales={e.scales} must be positive")
     check(
@@ -323,6 +366,21 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         f"eval.stride={e.stride} must be in (0, crop_size]",
     )
     check(e.window_batch >= 1, f"eval.window_batch={e.window_batch} must be >= 1")
+
+
+def validate(config: ExperimentConfig) -> ExperimentConfig:
+    """Checks cross-field consistency; returns the config or raises ConfigError."""
+    m, d, o, t, e = config.model, config.data, config.optimizer, config.trainer, config.eval
+    problems = []
+
+    def check(ok, message):
+        if not ok:
+            problems.append(message)
+
+    _check_model(check, m)
+    _check_data(check, d, m)
+    _check_training(check, o, t, d)
+    _check_eval(check, e)
     if problems:
         raise ConfigError(f"invalid experiment {config.name!r}:\n  " + "\n  ".join(problems))
     return config

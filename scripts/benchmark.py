@@ -35,7 +35,10 @@ from benchmarks import suite
 
 _EXPERIMENT = flags.DEFINE_string("experiment", None, "Registered experiment name.")
 _WHAT = flags.DEFINE_list(
-    "what", ["all"], "What to measure: a comma list of train, infer, input, export, or all (all but export)."
+    "what",
+    ["all"],
+    "What to measure: a comma list of train, infer, input, export, reads (records/s against reads in flight), "
+    "or all (train, infer, input).",
 )
 _BATCH = flags.DEFINE_integer("batch", 2, "Images per step (model benchmarks; per GPU on GPUs).")
 _SIZE = flags.DEFINE_string("size", "", "Input HxW, e.g. 512x512 (default: the experiment's crop size).")

@@ -131,6 +131,7 @@ def main(argv):
         training.InitCheckpointError,
         FileNotFoundError,
         RuntimeError,
+        ConfigError,  # e.g. a global batch the replicas do not divide: the overrides that start
     ) as e:
         sys.exit(f"error: {e}")
     evaluation = result.get("eval")

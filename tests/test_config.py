@@ -12,7 +12,9 @@ import pytest
 import experiments
 from fcn_tf import config as config_lib
 from fcn_tf.config import ConfigError, from_dict, override, read_workdir_config, to_dict, to_json
+from fcn_tf.data.classes import SPLIT_SIZES
 from fcn_tf.models import build_fcn
+from fcn_tf.training import recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = [f"{d}_r{n}_os{s}" for d in ("voc", "ade20k", "cityscapes") for n in (50, 101) for s in (8, 16)]
@@ -41,12 +43,11 @@ def test_every_experiment_validates_and_builds(name):
 )
 def test_reference_recipe(name, classes, crop, batch, steps):
     c = experiments.get(name)
-    assert (c.model.num_classes, c.data.crop_size, c.data.global_batch_size, c.trainer.train_steps) == (
-        classes,
-        crop,
-        batch,
-        steps,
-    )
+    assert (c.model.num_classes, c.data.crop_size, c.data.global_batch_size) == (classes, crop, batch)
+    # The steps are derived when training starts, from the split size of the prepared dataset.
+    assert c.trainer.train_steps == 0 and c.optimizer.lr_reference_batch_size == batch
+    resolved, _ = recipe.for_replicas(c, 8, split_size=lambda: SPLIT_SIZES[c.data.dataset]["train"])
+    assert resolved.trainer.train_steps == steps
     assert (c.optimizer.base_lr, c.optimizer.min_lr, c.optimizer.power) == (0.01, 1e-4, 0.9)
     assert (c.optimizer.momentum, c.optimizer.weight_decay, c.trainer.aux_weight) == (0.9, 5e-4, 0.4)
     assert c.model.stem == "deep" and c.model.head_num_convs == 2 and c.model.head_channels == 512
@@ -83,8 +84,8 @@ def test_from_dict_is_strict(tmp_path):
     values = to_dict(experiments.get("synthetic_r18_os8"))
     assert from_dict(json.loads(json.dumps(values))) == experiments.get("synthetic_r18_os8")
     values["data"]["num_classes"] = 5  # a key of an older fcn_tf
-    values["trainer"]["epochs"] = 3
-    with pytest.raises(ConfigError, match=r"unknown config key\(s\) data.num_classes, trainer.epochs"):
+    values["trainer"]["epochz"] = 3
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) data.num_classes, trainer.epochz"):
         from_dict(values)
     (tmp_path / "config.json").write_text(json.dumps(values))
     with pytest.raises(ConfigError, match="config.json: unknown config key"):
@@ -106,7 +107,7 @@ def test_override_parses_types_and_rejects_unknown_keys():
     )
     assert (c2.trainer.train_steps, c2.data.crop_size, c2.eval.flip) == (20, (256, 128), True)
     assert c2.eval.scales == (0.5, 1.0, 1.5) and c2.model.pretrained_backbone == ""
-    assert c.trainer.train_steps == 39660  # the original is untouched
+    assert c.trainer.train_steps == 0  # the original is untouched
     with pytest.raises(
         config_lib.ConfigError, match="unknown config key 'trainer.stepz'.*trainer.train_steps"
     ):

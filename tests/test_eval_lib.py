@@ -17,6 +17,7 @@ from fcn_tf import eval_lib, inference
 from fcn_tf.config import override
 from fcn_tf.data import classes
 from fcn_tf.metrics import ConfusionMatrix
+from harness.cluster import Cluster, Sim
 
 SIZES = [((6, 9), (11, 17)), ((8, 8), (8, 8)), ((7, 5), (13, 10)), ((9, 12), (9, 12)), ((5, 10), (10, 19))]
 
@@ -206,6 +207,7 @@ _WORKER = textwrap.dedent(
     from fcn_tf import eval_lib
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    print("REPLICAS", strategy.num_replicas_in_sync, flush=True)
     items = examples(5)  # sharded 3 + 2: the workers run out of data at different steps
     for overrides in [(), ("eval.mode=slide", "eval.crop_size=6,6", "eval.stride=4,4", "eval.flip=true")]:
         config = config_for(*overrides)
@@ -249,3 +251,16 @@ def test_two_workers_on_loopback_equal_one_device(tmp_path):
     for i, (worker, (stdout, stderr)) in enumerate(zip(workers, outputs, strict=True)):
         assert worker.returncode == 0, stderr[-3000:]
         assert f"WORKER {i} OK" in stdout
+
+
+@pytest.mark.slow
+def test_two_workers_of_two_logical_devices_each_equal_one_device(tmp_path):
+    # 4 replicas over 2 workers: 5 examples leave replicas without data at different steps.
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER.format(tests=os.path.dirname(__file__)))
+    with Cluster(tmp_path / "cluster", workers=2, sim=Sim(logical_cpus=2)) as cluster:
+        cluster.start(lambda k: [sys.executable, str(script), str(k), *map(str, cluster.ports)])
+        results = cluster.wait(timeout=600)
+    for r in results:
+        assert r.returncode == 0, r.output[-3000:]
+        assert "REPLICAS 4" in r.output and f"WORKER {r.index} OK" in r.output

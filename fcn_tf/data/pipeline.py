@@ -10,7 +10,8 @@ split index of each (`fcn_tf.data.order`: every epoch a fresh uniform
 permutation of the pipeline's shard, the shards disjoint and covering the
 split) -> that example read by random access (a prepared split through
 its record offsets, `sources.random_access_split`; a `source` dataset
-through `tf.data.experimental.at`) -> parallel deterministic map of the
+through `tf.data.experimental.at`), `data.reads_in_flight` reads at once
+in a deterministic parallel map -> parallel deterministic map of the
 reference augmentation with a per-example stateless seed derived from
 (seed, pipeline id, position), the crop planned on the label and only the
 image window it reads decoded -> batch per replica -> prefetch. Because
@@ -82,10 +83,23 @@ def training_examples(data_config, input_context=None, source=None) -> tf.data.D
         source = sources.random_access_split(data_config, data_config.train_split)
     split = _random_access(source)
     num_pipelines, pipeline_id = _pipeline_ids(input_context)
-    # One sequential read per element (a seek and one record); the decode
-    # and augmentation run after it in the parallel map.
-    return order.training_order(split.num_examples, data_config.seed, num_pipelines, pipeline_id).flat_map(
-        lambda position, index: split.read(index).map(lambda example: (position, encoded.adapt(example)))
+    # One read per element (a seek and one record), `reads_in_flight` of them
+    # at once: on shared storage a record takes milliseconds to arrive. A
+    # deterministic parallel map yields them in the order of the positions, as
+    # one read at a time would, and its checkpoint is still the positions.
+    # (Not a parallel interleave of the one-record datasets: in TensorFlow 2.21
+    # its iterator restored from a symbolic checkpoint hangs at the first
+    # element. tf.data logs that the read is "stateful" when it checks the
+    # pipeline: the record read is a pure function of its index here.)
+    # Decode and augmentation run after it in the parallel map below.
+    reads = data_config.reads_in_flight
+
+    def read(position, index):
+        example = split.read(index).get_single_element()
+        return position, encoded.adapt(example)
+
+    return order.training_order(split.num_examples, data_config.seed, num_pipelines, pipeline_id).map(
+        read, num_parallel_calls=reads, deterministic=True
     )
 
 

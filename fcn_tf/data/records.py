@@ -113,8 +113,8 @@ class RandomAccessSplit:
     Attributes:
       num_examples: examples in the split.
       read: `i (int64 scalar tensor) -> tf.data.Dataset` of the one example
-        at position `i` of the stored order; graph ops only, usable in
-        `flat_map`.
+        at position `i` of the stored order; graph ops only, usable in a
+        `map` (`.get_single_element()`) or `flat_map`.
     """
 
     num_examples: int
@@ -169,13 +169,13 @@ def split_index(dataset_dir: str, file_instructions) -> RecordIndex:
 def read_record(index: RecordIndex, i) -> tf.data.Dataset:
     """A one-element dataset of the serialized record of example `i` (int64 scalar tensor).
 
-    Use it inside `flat_map` only (as the training pipeline does): in
-    TensorFlow 2.21 the op's graph serialization drops `byte_offsets`
-    ("3 inputs specified of 4"), which breaks a TFRecordDatasetV2 dataset
-    iterated at top level, where tf.data serializes it to optimize it; the
-    inner datasets of a `flat_map` are built at run time and never
-    serialized. (`get_single_element` in a `map` would also work, but is a
-    stateful op there.)
+    Use it inside a function of the pipeline only, as
+    `read_record(...).get_single_element()` in a parallel `map` (the training
+    pipeline: several reads in flight) or in `flat_map`: in TensorFlow 2.21
+    the op's graph serialization drops `byte_offsets` ("3 inputs specified
+    of 4"), which breaks a TFRecordDatasetV2 dataset iterated at top level,
+    where tf.data serializes it to optimize it; the datasets made inside a
+    function run are built at run time and never serialized.
 
     Args:
       index: the split's RecordIndex.

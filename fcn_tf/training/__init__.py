@@ -1,5 +1,7 @@
 """Training: `from fcn_tf import training; training.train(config, workdir)`.
 
+agreement.py workers that agree before the first step (one all-gather; the chief's resume step)
+recipe.py    the reference recipe on the replicas a run has: train steps from epochs, the LR rule
 step.py      the distributed train step and the per-worker iterator that feeds it
 resume.py    what a step saves (model checkpoint, each worker's input position), the resume point
 recovery.py  the newest readable checkpoint: unreadable ones set aside, the state file repaired

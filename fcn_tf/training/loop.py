@@ -34,11 +34,13 @@ from absl import logging
 from fcn_tf import distribute, eval_lib, storage, summaries
 from fcn_tf.config import ExperimentConfig, validate
 from fcn_tf.data import build_dataset
+from fcn_tf.devices import onednn_enabled
 from fcn_tf.models import build_fcn
 from fcn_tf.models.convert import load_pretrained_backbone
+from fcn_tf.models.layers import resolve_kernels
 from fcn_tf.optimizers import build_optimizer
 from fcn_tf.schedules import poly_from_config
-from fcn_tf.training import preemption, resume
+from fcn_tf.training import agreement, preemption, recipe, resume
 from fcn_tf.training.init_checkpoint import initialize
 from fcn_tf.training.preemption import Preempted
 from fcn_tf.training.settings import apply_training_settings
@@ -130,42 +132,62 @@ def train(
       WorkdirLockedError: another run holds the workdir.
       Preempted: SIGTERM arrived; a checkpoint was saved first.
       FileNotFoundError: the pretrained backbone or the init checkpoint is missing.
-      fcn_tf.training.init_checkpoint.InitCheckpointError: the init
-        checkpoint does not hold an FCN.
-      fcn_tf.training.recovery.NoReadableCheckpointError: the workdir has
-        checkpoints but none is readable (an unreadable newest one is set
-        aside and the newest readable one used instead).
-      fcn_tf.checkpoints.CheckpointMismatchError: the checkpoint does not
-        hold this run's model, optimizer or input pipeline.
-      fcn_tf.checkpoints.CheckpointSaveError: a save failed (its partial
-        files were removed).
-      RuntimeError: the workdir cannot be resumed on this number of workers
-        (input positions saved by another count, or by none).
+      RuntimeError: the workdir cannot be resumed on this number of workers.
+      Each with a one-line message, from its module: `ConfigError` (the batch
+      does not split over the replicas, `recipe.for_replicas`),
+      `WorkersDisagreeError` (`agreement`), `InitCheckpointError`,
+      `NoReadableCheckpointError` (unreadable newest checkpoints are set aside
+      first), `CheckpointMismatchError`, `CheckpointSaveError` (`checkpoints`).
     """
     config = validate(config)
     strategy = strategy or distribute.make_strategy("auto")
     apply_training_settings(config, strategy)  # TF32; XLA + SyncBN refused where unsupported
     # Kept as given: a URL (gs://, file://, ...) stays a URL (fcn_tf.storage).
     workdir = storage.normalize(workdir)
-    _check_batch_split(config, strategy.num_replicas_in_sync)
+    # The recipe on these replicas (train steps from the epochs, the LR rule), logged.
+    given, (config, derivation) = config, recipe.for_replicas(config, strategy.num_replicas_in_sync)
+    logging.info("%s", derivation)
     tf.io.gfile.makedirs(workdir)
     model_fn = model_fn or (lambda c: build_fcn(c.model))
     dataset_fn = dataset_fn or (lambda input_context: build_dataset(config.data, True, input_context))
     hooks = _Hooks(model_fn, dataset_fn, eval_dataset_fn, evaluate, input_observer)
+    start = _Start(given, from_scratch, init_checkpoint)
     # Only the chief locks: the other workers of a multi-worker job share the
     # workdir (they write only their own input positions there).
     chief = distribute.is_chief(strategy)
     with workdir_lock(workdir, lock_workdir) if chief else contextlib.nullcontext():
-        return _train_locked(config, workdir, strategy, hooks, from_scratch, init_checkpoint)
+        return _train_locked(config, workdir, strategy, hooks, start)
 
 
-def _check_batch_split(config: ExperimentConfig, replicas: int) -> None:
-    accum = config.trainer.grad_accum_steps
-    if config.data.global_batch_size % (replicas * accum):
-        raise ValueError(
-            f"data.global_batch_size={config.data.global_batch_size} is not divisible by "
-            f"{replicas} replicas x trainer.grad_accum_steps={accum}"
-        )
+@dataclasses.dataclass(frozen=True)
+class _Start:
+    """How a new run starts (a resumed run restores its own checkpoint instead)."""
+
+    given: ExperimentConfig  # as the caller gave it (config.json): a resumed run derives the same numbers
+    from_scratch: bool
+    init_checkpoint: str
+
+
+def _pretrained(config: ExperimentConfig, start: _Start) -> str:
+    # The backbone weights a new run loads: none from scratch or when fine-tuning from another model.
+    return "" if start.from_scratch or start.init_checkpoint else config.model.pretrained_backbone
+
+
+def _initial_weights(strategy, ckpts, model, optimizer, config: ExperimentConfig, start: _Start) -> None:
+    """Restores the run's own checkpoint, else initializes from `start`; every worker then compares weights."""
+    try:
+        resumed = resume.restore(ckpts)
+        if resumed is not None:
+            logging.info("Resumed from %s (step %d)", resumed, int(ckpts.step.numpy()))
+        elif start.init_checkpoint:
+            for line in initialize(model, start.init_checkpoint, config.model).lines():
+                logging.info("%s", line)
+        elif _pretrained(config, start):
+            logging.info("Loaded pretrained backbone %s", load_pretrained(model, config))
+    except Exception:
+        agreement.agree_on_weights(strategy, (), failed=True)  # the other workers are told, not left waiting
+        raise
+    agreement.agree_on_weights(strategy, [*model.weights, *optimizer.variables])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +236,7 @@ class _RunState:
     window_steps: int = 0
 
 
-def _train_locked(config, workdir, strategy, hooks, from_scratch, init_checkpoint):
+def _train_locked(config, workdir, strategy, hooks, start):
     t = config.trainer
     chief = distribute.is_chief(strategy)
     if t.deterministic:
@@ -222,7 +244,8 @@ def _train_locked(config, workdir, strategy, hooks, from_scratch, init_checkpoin
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(t.seed)
     if chief:
-        write_config(config, workdir)
+        # As given (train steps 0, LR unscaled): a resumed run derives the same numbers again.
+        write_config(start.given, workdir)
 
     previous_policy = keras.mixed_precision.global_policy()
     if t.precision != "float32":
@@ -232,6 +255,12 @@ def _train_locked(config, workdir, strategy, hooks, from_scratch, init_checkpoin
     scratch = tempfile.mkdtemp(prefix=f"fcn_tf_worker{distribute.worker_index(strategy)}_")
     previous_sigterm = signal.getsignal(signal.SIGTERM)
     try:
+        pretrained = _pretrained(config, start)
+        # Before the model's collectives: every worker agrees on what it runs and
+        # takes the step the chief chose.
+        resume_from = resume.agreed_resume_point(
+            strategy, workdir, _start_facts(config, strategy, pretrained)
+        )
         with strategy.scope():
             model = hooks.model_fn(config)
             optimizer = build_optimizer(
@@ -241,17 +270,9 @@ def _train_locked(config, workdir, strategy, hooks, from_scratch, init_checkpoin
             optimizer.build(model.trainable_variables)
         iterator = make_train_iterator(strategy, hooks.dataset_fn)
         ckpts = resume.make_checkpoints(
-            strategy, (model, optimizer, iterator), workdir, scratch, t.keep_checkpoints
+            strategy, (model, optimizer, iterator), workdir, scratch, t.keep_checkpoints, resume_from
         )
-        resumed = resume.restore(ckpts)
-        if resumed is not None:
-            logging.info("Resumed from %s (step %d)", resumed, int(ckpts.step.numpy()))
-        elif init_checkpoint:
-            for line in initialize(model, init_checkpoint, config.model).lines():
-                logging.info("%s", line)
-        elif config.model.pretrained_backbone and not from_scratch:
-            path = load_pretrained(model, config)
-            logging.info("Loaded pretrained backbone %s", path)
+        _initial_weights(strategy, ckpts, model, optimizer, config, start)
         job = _Job(
             config=config,
             workdir=workdir,
@@ -275,6 +296,22 @@ def _train_locked(config, workdir, strategy, hooks, from_scratch, init_checkpoin
         with contextlib.suppress(ValueError):  # not in the main thread
             signal.signal(signal.SIGTERM, previous_sigterm)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _start_facts(config, strategy, pretrained: str) -> list:
+    """This worker's `agreement.start_facts`: its replicas, their device kind, the kernels, the pretrained file.
+
+    None on one worker: there is no one to disagree with.
+    """
+    if distribute.num_workers(strategy) == 1:
+        return []
+    devices = strategy.extended.worker_devices
+    kind = tf.DeviceSpec.from_string(devices[0]).device_type or "CPU"
+    kernels = resolve_kernels(config.model.kernels)
+    if kernels == "cpu_fast":
+        kernels += f", oneDNN {'on' if onednn_enabled() else 'off'}"
+    checksum = agreement.file_checksum(pretrained)
+    return agreement.start_facts(config, len(devices), kind, kernels, checksum)
 
 
 # --------------------------------------------------------------------------- checkpoint and preemption

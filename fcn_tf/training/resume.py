@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from fcn_tf import checkpoints, distribute
 from fcn_tf.config import WORKDIR_CONFIG
-from fcn_tf.training import recovery
+from fcn_tf.training import agreement, recovery
 
 INPUT_SUBDIR = "input"
 
@@ -71,8 +71,46 @@ def _seed_states(model: keras.Model) -> list:
     return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
 
-def make_checkpoints(strategy, objects, workdir: str, scratch: str, keep: int) -> StepCheckpoints:
-    """The run's checkpoints and its resume point; clears what killed saves left behind.
+def agreed_resume_point(strategy, workdir: str, facts=()) -> str | None:
+    """The resume point every worker restores, chosen by the chief; clears what killed saves left behind.
+
+    Call it before the model is built: the start agreement
+    (`fcn_tf.training.agreement.agree_at_start`) compares `facts` before any
+    collective of the model (variable broadcasts) can hang on workers that
+    differ. Only the chief lists and verifies the checkpoints (`resume_point`,
+    which also repairs the state file, before any CheckpointManager reads it).
+
+    Args:
+      strategy: the training strategy.
+      workdir: the training workdir (absolute).
+      facts: this worker's `agreement.start_facts`.
+
+    Raises:
+      as `resume_point` (on the chief); agreement.WorkersDisagreeError.
+    """
+    chief = distribute.is_chief(strategy)
+    # Killed saves leave ckpt-STEP_temp/ folders; each worker clears its own
+    # folders (the workdir lock excludes a concurrent run).
+    if chief:
+        checkpoints.remove_partial_saves(checkpoints.checkpoint_dir(workdir))
+    checkpoints.remove_partial_saves(input_dir(workdir, distribute.worker_index(strategy)))
+    step = None
+    if chief:
+        try:
+            prefix = resume_point(workdir, distribute.num_workers(strategy), chief, legacy_layout(workdir))
+        except Exception:
+            # The others must not wait for the chief at the all-gather: tell them, then fail here.
+            agreement.agree_at_start(strategy, list(facts), None, failed=True)
+            raise
+        step = None if prefix is None else checkpoints.step_of(prefix)
+    step = agreement.agree_at_start(strategy, list(facts), step)
+    return None if step is None else checkpoints.prefix_of(checkpoints.checkpoint_dir(workdir), step)
+
+
+def make_checkpoints(
+    strategy, objects, workdir: str, scratch: str, keep: int, resume_from: str | None
+) -> StepCheckpoints:
+    """The run's checkpoints, to resume from `resume_from`.
 
     Args:
       strategy: the training strategy.
@@ -80,9 +118,7 @@ def make_checkpoints(strategy, objects, workdir: str, scratch: str, keep: int) -
       workdir: the training workdir (absolute).
       scratch: this worker's temporary folder (the non-chief model checkpoints).
       keep: `trainer.keep_checkpoints`.
-
-    Raises:
-      as `resume_point`.
+      resume_from: `agreed_resume_point(...)`, made before the model was built.
     """
     model, optimizer, iterator = objects
     with strategy.scope():
@@ -107,14 +143,7 @@ def make_checkpoints(strategy, objects, workdir: str, scratch: str, keep: int) -
     )
     chief = distribute.is_chief(strategy)
     own_inputs = input_dir(workdir, distribute.worker_index(strategy))
-    # Killed saves leave ckpt-STEP_temp/ folders; each worker clears its own
-    # folders (the workdir lock excludes a concurrent run).
-    if chief:
-        checkpoints.remove_partial_saves(checkpoints.checkpoint_dir(workdir))
-    checkpoints.remove_partial_saves(own_inputs)
-    # Before the managers: they read the state file, which resume repairs.
     legacy = legacy_layout(workdir)
-    resume_from = resume_point(workdir, workers, chief, legacy)
     model_manager = _model_manager(model_checkpoint, workdir, scratch, chief, keep)
     return StepCheckpoints(
         model=model_manager,
@@ -187,8 +216,9 @@ def resume_point(workdir: str, num_workers: int, chief: bool, legacy: bool) -> s
     an unreadable one is set aside with a warning) and, but for a workdir of
     the legacy layout, which has the input position of every worker that
     saved it (a run killed between those saves leaves a newer, incomplete
-    step behind, which is passed over). Every worker computes the same
-    answer from the shared workdir; only the chief moves files.
+    step behind, which is passed over). In training only the chief computes
+    it (verifying that checkpoint in full) and every worker restores the
+    chief's step (`fcn_tf.training.agreement`); only the chief moves files.
 
     Args:
       workdir: the training workdir.

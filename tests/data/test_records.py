@@ -2,6 +2,8 @@
 
 import dataclasses
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from tensorflow_datasets.core.utils.shard_utils import FileInstruction
 
 from fcn_tf.config import DataConfig
 from fcn_tf.data import build_dataset, records, sources, synthetic
+from fcn_tf.data.order import training_order
 from fcn_tf.data.pipeline import training_examples
 
 tfds.disable_progress_bar()
@@ -137,3 +140,60 @@ def test_a_truncated_or_miscounted_shard_is_a_one_line_error(tmp_path):
         records.CorruptShardError, match=r"2 records, the dataset info says 3; prepare it again"
     ):
         records.split_index(str(tmp_path), [FileInstruction(str(shard), skip=0, take=3, examples_in_shard=3)])
+
+
+class _ReadCounter:
+    """Reads that take a while (as a record on shared storage does), counting how many run at once."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.running, self.most = seconds, 0, 0
+        self.lock = threading.Lock()
+
+    def read(self, i):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.running -= 1
+        return i
+
+    def split(self, size: int) -> records.RandomAccessSplit:
+        def read(i):
+            slow = tf.data.Dataset.from_tensors(i).map(lambda i: tf.py_function(self.read, [i], tf.int64))
+            return slow.map(
+                lambda i: {
+                    "image": tf.fill([4, 4, 3], tf.cast(i, tf.uint8)),
+                    "label": tf.zeros([4, 4], tf.uint8),
+                    "image_id": tf.strings.as_string(i),
+                }
+            )
+
+        return records.RandomAccessSplit(size, read)
+
+
+@pytest.mark.parametrize("reads", [1, 6])
+def test_training_keeps_several_reads_in_flight_in_the_training_order(reads):
+    size, taken = 9, 24
+    config = DataConfig(seed=5, reads_in_flight=reads)
+    counter = _ReadCounter(0.05)
+    stream = training_examples(config, source=counter.split(size)).take(taken)
+    got = [(int(p), int(e["image_id"])) for p, e in stream.as_numpy_iterator()]
+    # The training order, read one record at a time or several at once.
+    expected = training_order(size, config.seed, 1, 0).take(taken)
+    assert got == [(int(p), int(i)) for p, i in expected.as_numpy_iterator()]
+    if reads == 1:
+        assert counter.most == 1
+    else:
+        assert counter.most > 1, "one read at a time"
+
+
+def test_reads_benchmark_times_the_training_reads_with_the_added_latency(prepared):
+    from benchmarks import reads
+
+    config, _ = prepared
+    split = sources.random_access_split(config, "train")
+    quick = reads.measure(config, split, reads=1, latency_ms=0, count=8, repeats=1)
+    # 8 reads one at a time with 50 ms each take at least 0.4 s: at most 20 records/s.
+    slow = reads.measure(config, split, reads=1, latency_ms=50, count=8, repeats=1)
+    assert slow <= 20 < quick

@@ -20,8 +20,8 @@ import time
 import numpy as np
 import pytest
 
-from harness import runs, tiny
-from harness.cluster import free_ports
+from harness import tiny
+from harness.cluster import Cluster, Sim
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -45,7 +45,7 @@ def _dataset_fn(ctx):
     return ds.batch(ctx.get_per_replica_batch_size(GLOBAL_BATCH), drop_remainder=True)
 
 
-def _worker(workdir, ids_file, out, delay):
+def _worker(workdir, ids_file, out, delay, local_devices):
     import tensorflow as tf
     from absl import logging
 
@@ -55,6 +55,7 @@ def _worker(workdir, ids_file, out, delay):
     logging.set_verbosity(logging.INFO)
     strategy = distribute.make_strategy("auto")
     assert isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy), strategy
+    assert strategy.num_replicas_in_sync == 2 * int(local_devices), strategy.num_replicas_in_sync
     config = ExperimentConfig(
         name="tiny",
         model=ModelConfig(num_classes=tiny.NUM_CLASSES),
@@ -67,7 +68,7 @@ def _worker(workdir, ids_file, out, delay):
 
     def record(step, extras):
         with open(ids_file, "a") as f:
-            f.write(json.dumps({"step": step, "ids": extras["image_id"].tolist()}) + "\n")
+            f.write(json.dumps({"step": step, "ids": extras["image_id"].ravel().tolist()}) + "\n")
         time.sleep(float(delay))  # a run slow enough to be killed mid-way
 
     holder = {}
@@ -84,18 +85,17 @@ def _worker(workdir, ids_file, out, delay):
     print("RESULT " + json.dumps({"step": result["step"]}), flush=True)
 
 
-def _start(tmp_path, workdir, name, delay):
-    ports = free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+def _start(tmp_path, workdir, name, delay, local_devices):
+    # The simulated machine: TF_CONFIG on free ports, `local_devices` logical CPUs as each worker's replicas.
+    cluster = Cluster(tmp_path / f"{name}-cluster", workers=2, sim=Sim(logical_cpus=local_devices))
     procs = []
     for index in range(2):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         log = open(tmp_path / f"{name}-w{index}.log", "w")
         args = [workdir, str(tmp_path / f"{name}-ids{index}.jsonl"), str(tmp_path / f"{name}-w{index}.npz")]
         procs.append(
             subprocess.Popen(
-                [sys.executable, __file__, "--worker", *args, str(delay)],
-                env=runs.subprocess_env(TF_CONFIG=tf_config),
+                [sys.executable, __file__, "--worker", *args, str(delay), str(local_devices)],
+                env=cluster.env(index),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -125,13 +125,15 @@ def _ids(path):
 
 
 @pytest.mark.slow
-def test_two_workers_killed_and_restarted_continue_exactly(tmp_path):
+@pytest.mark.parametrize("local_devices", [1, 2])
+def test_two_workers_killed_and_restarted_continue_exactly(tmp_path, local_devices):
+    # local_devices 2: several replicas per worker under MultiWorkerMirroredStrategy (4 in all).
     from fcn_tf import training
 
     straight_dir, killed_dir = str(tmp_path / "straight"), str(tmp_path / "killed")
-    _wait(_start(tmp_path, straight_dir, "straight", 0), tmp_path, "straight")
+    _wait(_start(tmp_path, straight_dir, "straight", 0, local_devices), tmp_path, "straight")
 
-    procs = _start(tmp_path, killed_dir, "killed", 0.5)
+    procs = _start(tmp_path, killed_dir, "killed", 0.5, local_devices)
     first = os.path.join(killed_dir, "checkpoints", "ckpt-4.index")
     deadline = time.time() + 600
     while not os.path.exists(first) and all(p.poll() is None for p in procs) and time.time() < deadline:
@@ -149,7 +151,7 @@ def test_two_workers_killed_and_restarted_continue_exactly(tmp_path):
     with pytest.raises(RuntimeError, match=r"on 1 worker\(s\): .* saved by 2 worker\(s\)"):
         training.resume_step(killed_dir, 1)
 
-    _wait(_start(tmp_path, killed_dir, "killed", 0), tmp_path, "killed")
+    _wait(_start(tmp_path, killed_dir, "killed", 0, local_devices), tmp_path, "killed")
     assert f"(from step {killed_at})" in (tmp_path / "killed-w1.log").read_text()
     for k in range(2):
         straight, resumed = _ids(tmp_path / f"straight-ids{k}.jsonl"), _ids(tmp_path / f"killed-ids{k}.jsonl")

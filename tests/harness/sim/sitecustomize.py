@@ -6,7 +6,9 @@ the machine to simulate in the `FCN_TF_SIM` variable (JSON, see
 code, so the child runs unmodified (`scripts/train.py` as a user runs it) on:
 
 * `logical_cpus`: the CPU split into that many logical devices as soon as
-  TensorFlow is imported (before any op can initialize the devices);
+  TensorFlow is imported (before any op can initialize the devices), which
+  are also MultiWorkerMirroredStrategy's local replicas (as a worker's GPUs
+  would be);
 * `tf_gpus` / `tf_tpus`: that many GPUs / TPUs in TensorFlow's device lists
   (`tf.config.list_physical_devices` and `list_logical_devices`; nothing can
   run on them: for decisions made from device queries);
@@ -103,11 +105,32 @@ def _patch_slurm() -> None:
     slurm.SlurmClusterResolver.cluster_spec = traced
 
 
+def _patch_multiworker_devices(cpus: int) -> None:
+    """MultiWorkerMirroredStrategy takes `cpus` logical CPUs as its local replicas, as it takes a machine's GPUs.
+
+    TensorFlow's strategy uses one CPU device per worker whatever the logical
+    devices: without this, several replicas per worker (the multi-GPU case)
+    cannot be simulated on a CPU.
+    """
+    from tensorflow.python.distribute import collective_all_reduce_strategy as collective
+
+    initialize = collective.CollectiveAllReduceExtended._initialize_local_devices
+
+    def local_devices(self, cluster_resolver, worker_device):
+        devices, kind = initialize(self, cluster_resolver, worker_device)
+        if kind == "CPU":
+            devices = tuple(f"{worker_device}/device:CPU:{i}" for i in range(cpus))
+        return devices, kind
+
+    collective.CollectiveAllReduceExtended._initialize_local_devices = local_devices
+
+
 def _after_tensorflow_import(tf) -> None:
     cpus = int(_SIM.get("logical_cpus", 1))
     if cpus > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpus)
+        _patch_multiworker_devices(cpus)
     _patch_device_lists(tf)
     _patch_platform()
     _patch_slurm()

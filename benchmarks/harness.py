@@ -118,14 +118,15 @@ class Measurement:
 # --------------------------------------------------------------------------- readings
 
 
-def peak_rss_mb() -> float:
+def peak_rss_mb(*seen: float) -> float:
     """This process's peak resident set size so far, in MiB (Linux reports KiB).
 
-    At least the current size: the kernel updates its high-water mark from
-    per-thread counters in batches, so right after a growth it can lag the
-    current resident size by a few pages.
+    At least the current size and every earlier reading `seen` (MiB): the
+    kernel updates its high-water mark from per-thread counters in batches,
+    so right after a growth it can lag the resident size by a few pages, and
+    once the process shrinks it may never catch up with a reading taken then.
     """
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, current_rss_mb())
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, current_rss_mb(), *seen)
 
 
 def current_rss_mb() -> float:

@@ -316,7 +316,7 @@ def run_tf(measurement: Measurement) -> dict:
         setup_s=time.perf_counter() - start - sum(times),
         # Read before counting FLOPs: freezing and profiling the graph costs
         # memory of its own (measured, see BENCHMARKS.md), not the step's.
-        peak_rss_mb=peak_rss_mb(),
+        peak_rss_mb=peak_rss_mb(baseline_mb),
         baseline_rss_mb=baseline_mb,
         versions={"tensorflow": tf.__version__},
     )

@@ -105,7 +105,7 @@ def run_torch(measurement: Measurement) -> dict:
         times=times,
         images_per_s=m.batch / statistics.median(times),
         setup_s=time.perf_counter() - start - sum(times),
-        peak_rss_mb=peak_rss_mb(),
+        peak_rss_mb=peak_rss_mb(baseline_mb),
         baseline_rss_mb=baseline_mb,
         versions={"torch": torch.__version__, "torchvision": torchvision.__version__},
     )

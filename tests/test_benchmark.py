@@ -200,7 +200,7 @@ def test_what_takes_a_comma_list():
     assert suite.parse_what(["train", "infer"]) == ("train", "infer")
     assert suite.parse_what(["all"]) == ("train", "infer", "input")
     assert suite.parse_what(["infer", "train", "infer"]) == ("infer", "train")
-    with pytest.raises(ValueError, match="choose from train, infer, input, export or all"):
+    with pytest.raises(ValueError, match="choose from train, infer, input, export, reads or all"):
         suite.Options(experiment="voc_r50_os8", what=suite.parse_what(["train", "gpu"]))
     with pytest.raises(ValueError, match="--experiment is required"):
         suite.Options(what=("train",))

@@ -5,9 +5,12 @@ call to cuInit", the oneDNN and CPU-instruction notices, each after "All log
 messages before absl::InitializeLog() is called") are written to file
 descriptor 2 while TensorFlow is imported and its devices are listed, before
 `TF_CPP_MIN_LOG_LEVEL` applies to some of them (even level 3 prints four of
-them). `start` runs both with descriptor 2 captured and passes on every line
-but those notices and TensorFlow's INFO lines: warnings and errors still
-reach the user. It also keeps the INFO lines of TensorFlow, TFDS and Keras
+them). `start` routes descriptor 2 through a filter process for the whole
+run and passes on every line but those notices, TensorFlow's INFO lines and
+two run-time notices that say nothing a user can act on (tf.data's
+"DatasetToSingleElement is stateful" once per record read, oneDNN's fall-back
+for a byte-typed op): warnings and errors still reach the user, a crash's
+output included (the filter outlives the script). It also keeps the INFO lines of TensorFlow, TFDS and Keras
 out of absl's log (e.g. "Sharding callback duration" at every checkpoint);
 the project's own INFO lines (training progress) stay.
 
@@ -18,12 +21,14 @@ All of it is skipped, and every line shown, when the user asks: absl's
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import re
+import signal
 import sys
-import threading
+import time
 
 from fcn_tf import devices
 
@@ -31,8 +36,15 @@ from fcn_tf import devices
 _NOTICES = (
     re.compile(r"^WARNING: All log messages before absl::InitializeLog\(\) is called"),
     re.compile(r"^To enable the following instructions: .*rebuild TensorFlow"),
-    # glog INFO lines (the oneDNN, CPU-instruction and CUDA-driver notices).
-    re.compile(r"^I\d{4} "),
+    # TensorFlow's C++ INFO lines (the oneDNN, CPU-instruction and CUDA-driver notices). They are
+    # dated "0000 00:00:" (absl::InitializeLog is never called); absl's Python log lines, ours
+    # included, carry the real date and pass.
+    re.compile(r"^I0000 00:00:"),
+    # tf.data checking a symbolically checkpointed pipeline, once per element read: the
+    # one-record read (`fcn_tf.data.pipeline`) is a pure function of its index.
+    re.compile(r"^W0000 00:00:.*DatasetToSingleElement is stateful"),
+    # oneDNN falls back to TensorFlow's own kernel for a byte-typed op (the label crop's transpose).
+    re.compile(r"^E0000 00:00:.*oneDNN supports DT_U?INT8 only on platforms with AVX-512"),
 )
 # cuInit fails wherever no NVIDIA driver or no visible GPU is there: noise there only.
 _CUINIT = re.compile(r"^E\d{4} .*failed call to cuInit")
@@ -69,31 +81,45 @@ def is_notice(line: str, no_gpu: bool) -> bool:
     return any(p.match(line) for p in _NOTICES) or (no_gpu and bool(_CUINIT.match(line)))
 
 
-@contextlib.contextmanager
-def _filtered_stderr():
-    """File descriptor 2 through a filter: each line is passed on as it comes, notices dropped."""
+def _filter_stderr() -> None:
+    """Routes file descriptor 2 through a filter process for the rest of the run.
+
+    Each line is passed on as it comes, notices dropped. A process, not a
+    thread: if this process dies (a crash, a signal), the filter still drains
+    what was written and exits at the end of its input, so no crash output is
+    lost; at a normal exit this process waits for it (`_finish_filter`).
+    """
     no_gpu = _no_gpu_here()
+    sys.stdout.flush()
     sys.stderr.flush()
     original = os.dup(2)
     read_end, write_end = os.pipe()
-
-    def forward():
-        with os.fdopen(read_end, "rb") as pipe:
-            for raw in pipe:
-                if not is_notice(raw.decode(errors="replace"), no_gpu):
-                    os.write(original, raw)
-
-    thread = threading.Thread(target=forward, daemon=True)
-    thread.start()
+    pid = os.fork()
+    if pid == 0:  # the filter: outlives a crash of the script, not its input
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.close(write_end)
+        try:
+            with os.fdopen(read_end, "rb") as pipe:
+                for raw in pipe:
+                    if not is_notice(raw.decode(errors="replace"), no_gpu):
+                        os.write(original, raw)
+        finally:
+            os._exit(0)
+    os.close(read_end)
     os.dup2(write_end, 2)
     os.close(write_end)
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(original, 2)  # closes the pipe's last write end: the thread reads to its end
-        thread.join()
-        os.close(original)
+    atexit.register(_finish_filter, pid, original)
+
+
+def _finish_filter(pid: int, original: int) -> None:
+    # Gives file descriptor 2 back (closing this process's end of the pipe) and lets
+    # the filter write its last lines; child processes still holding the pipe do not block the exit.
+    sys.stderr.flush()
+    os.dup2(original, 2)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
+        time.sleep(0.01)
 
 
 class _DropLibraryInfo(logging.Filter):
@@ -131,26 +157,17 @@ def start(onednn: bool = False, argv: list[str] | None = None, devices_now: bool
     # then logs through it (it adds a handler of its own only to a bare root logger).
     absl_logging.use_absl_handler()
     absl_logging.get_absl_handler().addFilter(_DropLibraryInfo())
-    with _filtered_stderr():
-        import tensorflow  # noqa: F401
-
-    global _quiet
-    _quiet = True
+    _filter_stderr()
     if devices_now:
         start_devices()
 
 
-# Whether `start` chose the quiet start (`start_devices` filters then too).
-_quiet = False
-
-
 def start_devices() -> None:
-    """Starts TensorFlow's device platforms (cuInit), quietly where `start` was.
+    """Starts TensorFlow's device platforms (cuInit).
 
     `start` calls it unless told not to; train.py calls it once its cluster
     resolver has set the GPUs this process may use.
     """
     import tensorflow as tf
 
-    with _filtered_stderr() if _quiet else contextlib.nullcontext():
-        tf.config.list_physical_devices()
+    tf.config.list_physical_devices()

@@ -105,3 +105,40 @@ def test_library_info_lines_are_dropped_and_ours_kept():
     assert not drop.filter(record(sharding, logging.INFO))  # "Sharding callback duration" at each checkpoint
     assert drop.filter(record(sharding, logging.WARNING))
     assert drop.filter(record(os.path.join(runs.REPO, "fcn_tf", "training", "loop.py"), logging.INFO))
+
+
+def test_run_time_notices_are_dropped_and_warnings_kept():
+    no_gpu = True
+    assert startup.is_notice(
+        "W0000 00:00:1.2 30062 dataset.h:598] FAILED_PRECONDITION: DatasetToSingleElement is stateful.",
+        no_gpu,
+    )
+    assert startup.is_notice(
+        "E0000 00:00:1.2 30021 util.cc:131] oneDNN supports DT_UINT8 only on platforms with AVX-512. Falling "
+        "back to the default Eigen-based implementation if present.",
+        no_gpu,
+    )
+    assert not startup.is_notice("W0000 00:00:1.2 1 dataset.h:598] FAILED_PRECONDITION: other state.", no_gpu)
+    # absl's Python log lines (ours) look like glog's but carry the real date: they pass.
+    assert not startup.is_notice("I1202 12:07:18.052030 139807 sources.py:144] Preparing synthetic", no_gpu)
+
+
+def test_the_filter_keeps_every_line_of_a_crash_and_of_a_normal_exit():
+    # The filter is a process of its own: a script killed outright still has its last lines shown.
+    lines_then = (
+        "import os, sys; from fcn_tf import startup; startup.start(devices_now=False); "
+        "os.write(2, b'I0000 00:00:1.2 1 port.cc:153] notice\\n'); "
+        "[sys.stderr.write('line %d\\n' % i) for i in range(500)]; sys.stderr.flush()"
+    )
+    for ending, returncode in (("; os.kill(os.getpid(), 9)", -9), ("", 0)):
+        out = subprocess.run(
+            [sys.executable, "-c", lines_then + ending],
+            env=_quiet_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == returncode, out.stderr[-2000:]
+        lines = out.stderr.splitlines()
+        assert [line for line in lines if line.startswith("line ")] == [f"line {i}" for i in range(500)]
+        assert not any("port.cc" in line for line in lines)

@@ -78,15 +78,9 @@ def prepared(tmp_path, monkeypatch):
     """The Cityscapes fixture prepared with 5-row strips (the real height, 128, exceeds the 16-row images)."""
     monkeypatch.setattr(cityscapes.Cityscapes, "STRIP_HEIGHT", STRIP)
     sources.prepare("cityscapes", TESTDATA / "cityscapes", tmp_path / "out", allow_count_mismatch=True)
+    sizes = dict(crop_size=(8, 16), scale_target=(64, 32), eval_target=(32, 16), ratio_range=(0.5, 2.0))
     return DataConfig(
-        dataset="cityscapes",
-        data_dir=str(tmp_path / "out"),
-        crop_size=(8, 16),
-        scale_target=(64, 32),
-        ratio_range=(0.5, 2.0),
-        global_batch_size=2,
-        eval_target=(32, 16),
-        seed=5,
+        dataset="cityscapes", data_dir=str(tmp_path / "out"), global_batch_size=2, seed=5, **sizes
     )
 
 

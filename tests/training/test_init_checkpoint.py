@@ -116,6 +116,8 @@ def test_fine_tuning_logs_what_it_loaded_and_resumes_from_its_own_checkpoint(tmp
     source = tmp_path / "source"
     _train(source, _config(5, 1))  # a real 5-class run
     caplog.set_level(logging.INFO)
+    # Also absl's own logger: a test run earlier in the process may have parsed absl flags (WARNING).
+    caplog.set_level(logging.INFO, logger="absl")
     run = tmp_path / "finetune"
     first = _train(run, _config(3, 2), init_checkpoint=str(source))
     log = caplog.text
